@@ -1,0 +1,235 @@
+"""Configuration: frozen, keyword-only dataclasses validated on construction.
+
+Experiments compose these into one top-level dataclass; `jaxpost.cli` turns it into command-line overrides
+(`--config.steps=200`, `--config.model.d_model=512`) and back.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal
+
+DTYPES = ("float32", "bfloat16")
+
+
+def _positive(obj, *names):
+    for name in names:
+        value = getattr(obj, name)
+        if value is None or value <= 0:
+            raise ValueError(f"{type(obj).__name__}.{name} must be > 0, got {value!r}")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ModelConfig:
+    """A Llama 3 / Qwen2 / Qwen3-style decoder.
+
+    `head_dim` defaults to d_model // n_heads. `qkv_bias` is Qwen2's attention bias; `qk_norm` is Qwen3's RMSNorm on
+    queries and keys per head. `dtype` is the compute dtype (parameters stay in `param_dtype`, float32 master weights).
+    """
+
+    name: str = "custom"
+    vocab_size: int = 512
+    d_model: int = 256
+    n_layers: int = 4
+    n_heads: int = 4
+    n_kv_heads: int = 2
+    head_dim: int = 0
+    mlp_dim: int = 1024
+    rope_theta: float = 10_000.0
+    rms_eps: float = 1e-6
+    qkv_bias: bool = False
+    qk_norm: bool = False
+    tie_embeddings: bool = False
+    max_seq_len: int = 2048
+    init_std: float = 0.02
+    dtype: str = "float32"
+    param_dtype: str = "float32"
+    remat: bool = False
+
+    def __post_init__(self):
+        _positive(self, "vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "mlp_dim", "max_seq_len")
+        if self.head_dim == 0:
+            if self.d_model % self.n_heads:
+                raise ValueError(
+                    f"ModelConfig.d_model={self.d_model} is not divisible by n_heads={self.n_heads}: set head_dim")
+            object.__setattr__(self, "head_dim", self.d_model // self.n_heads)
+        if self.head_dim % 2:
+            raise ValueError(f"ModelConfig.head_dim must be even for RoPE, got {self.head_dim}")
+        if self.n_heads % self.n_kv_heads:
+            raise ValueError(
+                f"ModelConfig.n_heads={self.n_heads} must be a multiple of n_kv_heads={self.n_kv_heads}")
+        for f in ("dtype", "param_dtype"):
+            if getattr(self, f) not in DTYPES:
+                raise ValueError(f"ModelConfig.{f} must be one of {DTYPES}, got {getattr(self, f)!r}")
+
+    @property
+    def n_params(self) -> int:
+        """Parameter count (embeddings included, counted once when tied)."""
+        D, H, K, hd, F, V = self.d_model, self.n_heads, self.n_kv_heads, self.head_dim, self.mlp_dim, self.vocab_size
+        attn = D * H * hd + 2 * D * K * hd + H * hd * D
+        if self.qkv_bias:
+            attn += H * hd + 2 * K * hd
+        if self.qk_norm:
+            attn += 2 * hd
+        layer = attn + 3 * D * F + 2 * D
+        return self.n_layers * layer + V * D * (1 if self.tie_embeddings else 2) + D
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """Training FLOPs per token (forward + backward = 3x forward): 6 * matmul params + attention scores."""
+        D, H, K, hd, F, V = self.d_model, self.n_heads, self.n_kv_heads, self.head_dim, self.mlp_dim, self.vocab_size
+        matmul_params = self.n_layers * (D * H * hd + 2 * D * K * hd + H * hd * D + 3 * D * F) + D * V
+        attention = self.n_layers * 2 * 2 * H * hd * seq_len  # QK^T and PV, full (unmasked) square
+        return 3.0 * (2.0 * matmul_params + attention)
+
+    # ---- presets -------------------------------------------------------------------------------------------------
+    @classmethod
+    def tiny(cls, **kw) -> ModelConfig:
+        """For unit tests: two layers, d_model 64, GQA 4:2."""
+        return cls(**{**dict(name="tiny", vocab_size=128, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2,
+                             mlp_dim=128, max_seq_len=256), **kw})
+
+    @classmethod
+    def small(cls, **kw) -> ModelConfig:
+        """~13M parameters with a 512 vocabulary: learns the built-in tasks on a CPU in minutes."""
+        return cls(**{**dict(name="small", vocab_size=512, d_model=384, n_layers=6, n_heads=6, n_kv_heads=2,
+                             mlp_dim=1536, max_seq_len=512), **kw})
+
+    @classmethod
+    def qwen3_bench(cls, *, vocab_size: int = 512, **kw) -> ModelConfig:
+        """A Qwen3-like 4-layer d_model=256 model used by the training benchmark."""
+        return cls(**{**dict(name=f"qwen3_bench_v{vocab_size}", vocab_size=vocab_size, d_model=256, n_layers=4,
+                             n_heads=4, n_kv_heads=2, head_dim=64, mlp_dim=768, qk_norm=True, rms_eps=1e-6,
+                             rope_theta=1_000_000.0, tie_embeddings=False, max_seq_len=4096), **kw})
+
+    @classmethod
+    def llama3_1_8b(cls, **kw) -> ModelConfig:
+        # Llama 3.1 also rescales RoPE frequencies for long context (factor 8); shapes do not depend on it.
+        return cls(**{**dict(name="llama3_1_8b", vocab_size=128256, d_model=4096, n_layers=32, n_heads=32,
+                             n_kv_heads=8, mlp_dim=14336, rope_theta=500_000.0, rms_eps=1e-5, max_seq_len=131072,
+                             dtype="bfloat16"), **kw})
+
+    @classmethod
+    def qwen2_5_0_5b(cls, **kw) -> ModelConfig:
+        return cls(**{**dict(name="qwen2_5_0_5b", vocab_size=151936, d_model=896, n_layers=24, n_heads=14,
+                             n_kv_heads=2, mlp_dim=4864, rope_theta=1_000_000.0, rms_eps=1e-6, qkv_bias=True,
+                             tie_embeddings=True, max_seq_len=32768, dtype="bfloat16"), **kw})
+
+    @classmethod
+    def qwen2_5_7b(cls, **kw) -> ModelConfig:
+        return cls(**{**dict(name="qwen2_5_7b", vocab_size=152064, d_model=3584, n_layers=28, n_heads=28,
+                             n_kv_heads=4, mlp_dim=18944, rope_theta=1_000_000.0, rms_eps=1e-6, qkv_bias=True,
+                             max_seq_len=32768, dtype="bfloat16"), **kw})
+
+    @classmethod
+    def qwen3_0_6b(cls, **kw) -> ModelConfig:
+        return cls(**{**dict(name="qwen3_0_6b", vocab_size=151936, d_model=1024, n_layers=28, n_heads=16,
+                             n_kv_heads=8, head_dim=128, mlp_dim=3072, rope_theta=1_000_000.0, rms_eps=1e-6,
+                             qk_norm=True, tie_embeddings=True, max_seq_len=40960, dtype="bfloat16"), **kw})
+
+    @classmethod
+    def qwen3_8b(cls, **kw) -> ModelConfig:
+        return cls(**{**dict(name="qwen3_8b", vocab_size=151936, d_model=4096, n_layers=36, n_heads=32,
+                             n_kv_heads=8, head_dim=128, mlp_dim=12288, rope_theta=1_000_000.0, rms_eps=1e-6,
+                             qk_norm=True, max_seq_len=40960, dtype="bfloat16"), **kw})
+
+    @classmethod
+    def preset(cls, name: str, **kw) -> ModelConfig:
+        presets = {n: getattr(cls, n) for n in PRESETS}
+        if name not in presets:
+            raise ValueError(f"unknown model preset {name!r}; known: {sorted(presets)}")
+        return presets[name](**kw)
+
+
+PRESETS = ("tiny", "small", "qwen3_bench", "llama3_1_8b", "qwen2_5_0_5b", "qwen2_5_7b", "qwen3_0_6b", "qwen3_8b")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class MeshConfig:
+    """Device mesh sizes. One axis may be -1: it takes every device the others leave."""
+
+    data: int = 1
+    fsdp: int = -1
+    tensor: int = 1
+
+    def __post_init__(self):
+        sizes = (self.data, self.fsdp, self.tensor)
+        if sum(s == -1 for s in sizes) > 1:
+            raise ValueError(f"MeshConfig: at most one axis may be -1, got data={self.data}, fsdp={self.fsdp}, "
+                             f"tensor={self.tensor}")
+        for name, s in zip(("data", "fsdp", "tensor"), sizes):
+            if s != -1 and s < 1:
+                raise ValueError(f"MeshConfig.{name} must be >= 1 or -1, got {s}")
+
+    def resolve(self, n_devices: int) -> tuple[int, int, int]:
+        sizes = [self.data, self.fsdp, self.tensor]
+        known = 1
+        for s in sizes:
+            known *= s if s != -1 else 1
+        if -1 in sizes:
+            if n_devices % known:
+                raise ValueError(f"MeshConfig {sizes}: {n_devices} devices are not divisible by {known}")
+            sizes[sizes.index(-1)] = n_devices // known
+        if sizes[0] * sizes[1] * sizes[2] != n_devices:
+            raise ValueError(f"MeshConfig data*fsdp*tensor = {sizes[0] * sizes[1] * sizes[2]} but there are "
+                             f"{n_devices} devices")
+        return tuple(sizes)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class OptimConfig:
+    """AdamW with linear warmup then cosine decay to `min_lr_ratio * lr`, and global-norm clipping."""
+
+    lr: float = 1e-3
+    warmup_steps: int = 20
+    min_lr_ratio: float = 0.1
+    b1: float = 0.9
+    b2: float = 0.95
+    eps: float = 1e-8
+    weight_decay: float = 0.1
+    clip_norm: float = 1.0
+
+    def __post_init__(self):
+        _positive(self, "lr", "eps")
+        if self.warmup_steps < 0:
+            raise ValueError(f"OptimConfig.warmup_steps must be >= 0, got {self.warmup_steps}")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise ValueError(f"OptimConfig.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        if self.clip_norm < 0:
+            raise ValueError(f"OptimConfig.clip_norm must be >= 0 (0 disables), got {self.clip_norm}")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class DataConfig:
+    """How examples become batches. `batch_size` is global (all processes, all micro-batches) in rows of `seq_len`."""
+
+    seq_len: int = 128
+    batch_size: int = 16
+    packing: bool = True
+    overlong: Literal["truncate", "drop", "error"] = "truncate"
+    on_empty: Literal["drop", "keep", "error"] = "drop"
+    shuffle: bool = True
+
+    def __post_init__(self):
+        _positive(self, "seq_len", "batch_size")
+        if self.overlong not in ("truncate", "drop", "error"):
+            raise ValueError(f"DataConfig.overlong must be truncate|drop|error, got {self.overlong!r}")
+        if self.on_empty not in ("drop", "keep", "error"):
+            raise ValueError(f"DataConfig.on_empty must be drop|keep|error, got {self.on_empty!r}")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class TrainConfig:
+    """The host loop: length, accumulation, logging, checkpoints."""
+
+    steps: int = 100
+    grad_accum: int = 1
+    log_every: int = 10
+    eval_every: int = 0
+    checkpoint_every: int = 50
+    keep_checkpoints: int = 3
+    async_checkpoints: bool = True
+
+    def __post_init__(self):
+        _positive(self, "steps", "grad_accum", "log_every", "keep_checkpoints")
+        if self.checkpoint_every < 0 or self.eval_every < 0:
+            raise ValueError("TrainConfig.checkpoint_every and eval_every must be >= 0 (0 disables)")

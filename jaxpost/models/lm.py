@@ -1,0 +1,59 @@
+"""`LM`: a model config plus its NNX graph definition, with params held as a plain pytree (pure dict).
+
+Train states hold params as pure dicts (what Orbax stores and restores); `LM.hidden` merges them with the static
+graph definition inside the traced step, which costs nothing at run time.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxpost.config import ModelConfig
+from jaxpost.sharding import param_logical_axes, tree_shardings
+from jaxpost.models.transformer import Transformer
+
+
+class LM:
+    def __init__(self, cfg: ModelConfig):
+        self.cfg = cfg
+        abstract = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0)))
+        self.graphdef, state = nnx.split(abstract)
+        self.abstract_params = state.to_pure_dict()
+        self.logical_axes = param_logical_axes(state)
+
+    def param_shardings(self, mesh):
+        return tree_shardings(self.abstract_params, self.logical_axes, mesh)
+
+    def init(self, key: jax.Array, mesh=None):
+        """Random params, created directly in their sharded layout on `mesh` (never whole on one device)."""
+        cfg = self.cfg
+
+        def make(key):
+            return nnx.split(Transformer(cfg, rngs=nnx.Rngs(key)))[1].to_pure_dict()
+
+        shardings = self.param_shardings(mesh) if mesh is not None else None
+        return jax.jit(make, out_shardings=shardings)(key)
+
+    def module(self, params) -> Transformer:
+        return nnx.merge(self.graphdef, params)
+
+    def hidden(self, params, tokens_BT, positions_BT=None, segment_ids_BT=None):
+        """Final hidden states [B, T, D] in the compute dtype."""
+        return self.module(params)(tokens_BT, positions_BT, segment_ids_BT)
+
+    def unembedding(self, params):
+        """The output matrix [D, V] in the compute dtype."""
+        return self.module(params).unembedding()
+
+    def logits(self, params, tokens_BT, positions_BT=None, segment_ids_BT=None):
+        """Float32 [B, T, V] logits: for inspection, tests and small-vocabulary decoding only."""
+        h = self.hidden(params, tokens_BT, positions_BT, segment_ids_BT)
+        return jnp.einsum("btd,dv->btv", h, self.unembedding(params), preferred_element_type=jnp.float32)
+
+    @functools.cached_property
+    def n_params(self) -> int:
+        return sum(int(x.size) for x in jax.tree.leaves(self.abstract_params))

@@ -1,0 +1,58 @@
+"""The train state pytree and its sharded creation."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import struct
+
+from jaxpost.sharding import replicated
+
+
+@struct.dataclass
+class TrainState:
+    """Everything a step reads and writes. `rng` is a raw uint32[2] key (Orbax stores it as a plain array)."""
+
+    step: jax.Array
+    params: Any
+    opt_state: Any
+    rng: jax.Array
+
+
+def state_shardings(abstract_state: TrainState, param_shardings, tx: optax.GradientTransformation, mesh):
+    """Shardings of a TrainState: optimizer moments like their params, every other leaf replicated."""
+    rep = replicated(mesh)
+    opt_shardings = optax.tree_map_params(
+        tx, lambda _, sharding: sharding, abstract_state.opt_state, param_shardings,
+        transform_non_params=lambda _: rep, is_leaf=lambda x: isinstance(x, jax.sharding.Sharding))
+    return TrainState(step=rep, params=param_shardings, opt_state=opt_shardings, rng=rep)
+
+
+def abstract_train_state(lm, tx) -> TrainState:
+    def make():
+        params = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), lm.abstract_params)
+        return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+                          rng=jax.random.PRNGKey(0))
+    return jax.eval_shape(make)
+
+
+def create_train_state(lm, tx, mesh, seed: int) -> tuple[TrainState, TrainState]:
+    """A freshly initialised state, created directly sharded. Returns (state, its shardings)."""
+    abstract = abstract_train_state(lm, tx)
+    shardings = state_shardings(abstract, lm.param_shardings(mesh), tx, mesh)
+
+    def make(key):
+        init_key, state_key = jax.random.split(key)
+        params = lm.init(init_key)
+        return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params), rng=state_key)
+
+    state = jax.jit(make, out_shardings=shardings)(jax.random.PRNGKey(seed))
+    return state, shardings
+
+
+def with_shardings(abstract_tree, shardings):
+    """ShapeDtypeStructs carrying shardings: the restore target that makes Orbax reshard onto a new mesh."""
+    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_tree, shardings)
