@@ -219,9 +219,9 @@ class DataConfig:
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class TrainConfig:
-    """The host loop: length, accumulation, logging, checkpoints."""
+    """The host loop: accumulation, logging, evaluation and checkpoint cadence (the length is the experiment's
+    `steps`)."""
 
-    steps: int = 100
     grad_accum: int = 1
     log_every: int = 10
     eval_every: int = 0
@@ -230,6 +230,6 @@ class TrainConfig:
     async_checkpoints: bool = True
 
     def __post_init__(self):
-        _positive(self, "steps", "grad_accum", "log_every", "keep_checkpoints")
+        _positive(self, "grad_accum", "log_every", "keep_checkpoints")
         if self.checkpoint_every < 0 or self.eval_every < 0:
             raise ValueError("TrainConfig.checkpoint_every and eval_every must be >= 0 (0 disables)")

@@ -6,7 +6,8 @@ disjoint: a problem's split is decided by a stable hash of its text (independent
 until it lands in the requested split.
 
     task = make_task("arithmetic", max_digits=3, ops=("+", "-"))
-    task.example("train", 0)   # {"prompt": "What is 37 + 485?", "answer": "522", "completion": "522", "messages": [...]}
+    task.example("train", 0)   # {"prompt": "What is 37 + 485?", "answer": "522", "completion": "522",
+                               #  "messages": [...]}
     task.check("The answer is 522.", "522")   # True
     source = task.source("train")             # grain random-access source of examples
 """
@@ -163,7 +164,9 @@ class ArithmeticTask(Task):
             b = self._draw_operand(rng)
             if self.split_of((a, op, b)) == split:
                 return (a, op, b)
-        raise RuntimeError(f"no {split!r} problem found in {self._MAX_DRAWS} draws for {self!r}; widen the problem space")
+        raise RuntimeError(
+            f"no {split!r} problem found in {self._MAX_DRAWS} draws for {self!r}; widen the problem space"
+        )
 
     def prompt(self, problem: tuple[int, str, int]) -> str:
         a, op, b = problem

@@ -1,0 +1,103 @@
+"""Pieces every recipe shares: task and eval configs, the tokenizer of a workdir, batch placement, task accuracy."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import sys
+
+import jax
+import numpy as np
+
+from jaxpost.data import build_prompt_batches
+from jaxpost.rollout import greedy_generate
+from jaxpost.tokenizer import Tokenizer, train_tokenizer
+
+log = logging.getLogger("jaxpost")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class TaskConfig:
+    """A built-in verifiable task (`jaxpost.data.tasks`)."""
+
+    name: str = "arithmetic"
+    min_digits: int = 1
+    max_digits: int = 2
+    ops: tuple[str, ...] = ("+", "-")
+    seed: int = 0
+
+    def kwargs(self) -> dict:
+        return {"min_digits": self.min_digits, "max_digits": self.max_digits, "ops": tuple(self.ops),
+                "seed": self.seed}
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class EvalConfig:
+    """Held-out accuracy of greedy answers on the first `n_examples` problems of the task's test split."""
+
+    n_examples: int = 256
+    batch_size: int = 64
+    max_prompt_len: int = 48
+    max_new_tokens: int = 10
+
+    def __post_init__(self):
+        if self.n_examples < 0 or self.batch_size <= 0 or self.max_prompt_len <= 0 or self.max_new_tokens <= 0:
+            raise ValueError(f"EvalConfig: invalid sizes {self}")
+
+
+def setup_logging() -> None:
+    logger = logging.getLogger("jaxpost")
+    if not logger.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+        logger.propagate = False
+
+
+def load_or_make_tokenizer(workdir: str, task, *, path: str | None, vocab_size: int) -> Tokenizer:
+    """The workdir's `tokenizer.model` if present (a resumed run keeps its tokenizer); else the model at `path`;
+    else one trained on the task's corpus. The result is saved into the workdir."""
+    local = os.path.join(workdir, "tokenizer.model")
+    if os.path.exists(local):
+        return Tokenizer.load(local)
+    if path:
+        tokenizer = Tokenizer.load(path)
+    else:
+        tokenizer = train_tokenizer(task.corpus(4000), vocab_size=vocab_size)
+    tokenizer.save(local)
+    return tokenizer
+
+
+def device_put_batch(batch: dict, shardings: dict) -> dict:
+    """Host arrays of this process -> global jax.Arrays laid out by `shardings` (one code path for one or many
+    processes: each process passes its own slice of the global batch)."""
+    return {k: jax.make_array_from_process_local_data(shardings[k], np.asarray(batch[k])) for k in shardings}
+
+
+def task_accuracy(lm, params, tokenizer, task, examples, cfg: EvalConfig, mesh) -> dict:
+    """Fraction of `examples` whose greedy completion the task's checker accepts."""
+    if not examples:
+        return {"accuracy": None, "n": 0}
+    correct, total = 0, 0
+    samples = []
+    with jax.set_mesh(mesh):
+        for batch in build_prompt_batches(examples, tokenizer, batch_size=cfg.batch_size,
+                                          max_prompt_len=cfg.max_prompt_len):
+            tokens, n_new = greedy_generate(lm, params, batch["tokens"], batch["lengths"],
+                                            max_new_tokens=cfg.max_new_tokens, stop_ids=tuple(tokenizer.stop_ids),
+                                            pad_id=tokenizer.pad_id)
+            tokens, n_new = np.asarray(tokens), np.asarray(n_new)
+            for row in np.nonzero(batch["valid"])[0]:
+                # ids past the tokenizer's pieces (the model's vocabulary may be padded) decode as unknown.
+                ids = [t if t < tokenizer.vocab_size else tokenizer.unk_id
+                       for t in tokens[row, :n_new[row]].tolist() if t not in tokenizer.stop_ids]
+                completion = tokenizer.decode(ids)
+                ok = task.check(completion, batch["answers"][row])
+                correct += int(ok)
+                total += 1
+                if len(samples) < 3:
+                    samples.append((completion, batch["answers"][row]))
+    log.debug("eval samples (completion, answer): %s", samples)
+    return {"accuracy": correct / total, "n": total}

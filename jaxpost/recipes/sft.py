@@ -1,0 +1,142 @@
+"""The SFT recipe: tokenizer -> grain pipeline -> sharded SFT step -> host loop with eval and checkpoints.
+
+`run(cfg, workdir)` starts fresh in an empty workdir and resumes from the latest complete checkpoint otherwise,
+continuing exactly as an uninterrupted run (same batches, same RNG, same optimizer state).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import time
+
+import jax
+
+from jaxpost.cli import write_config
+from jaxpost.config import DataConfig, MeshConfig, ModelConfig, OptimConfig, TrainConfig
+from jaxpost.data import build_sft_iterator, make_task, read_jsonl
+from jaxpost.models import LM
+from jaxpost.recipes.common import (EvalConfig, TaskConfig, device_put_batch, load_or_make_tokenizer, setup_logging,
+                                    task_accuracy)
+from jaxpost.sharding import make_mesh
+from jaxpost.train.checkpoint import Checkpointer
+from jaxpost.train.loop import MetricsLog, train_loop
+from jaxpost.train.optim import make_optimizer
+from jaxpost.train.plots import plot_metrics
+from jaxpost.train.sft import make_sft_step, split_microbatches
+from jaxpost.train.state import abstract_train_state, create_train_state, state_shardings, with_shardings
+
+log = logging.getLogger("jaxpost")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class SFTConfig:
+    """SFT on a built-in task (default) or on a JSONL file (`train_jsonl`); evaluation on the task's test split."""
+
+    seed: int = 0
+    steps: int = 200
+    model: ModelConfig = dataclasses.field(default_factory=lambda: ModelConfig.small(vocab_size=128))
+    task: TaskConfig = dataclasses.field(default_factory=TaskConfig)
+    train_jsonl: str | None = None
+    tokenizer_path: str | None = None
+    tokenizer_vocab: int = 64
+    data: DataConfig = dataclasses.field(default_factory=lambda: DataConfig(seq_len=128, batch_size=16))
+    optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
+    mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
+    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+    eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
+    logprobs_impl: str = "auto"
+
+    def __post_init__(self):
+        if self.steps <= 0:
+            raise ValueError(f"SFTConfig.steps must be > 0, got {self.steps}")
+
+
+def run(cfg: SFTConfig, workdir: str) -> dict:
+    """Trains, evaluates and writes config.json, metrics.jsonl, checkpoints/, plots and results.json into workdir."""
+    t_start = time.perf_counter()
+    setup_logging()
+    os.makedirs(workdir, exist_ok=True)
+    write_config(cfg, workdir)
+
+    task = make_task(cfg.task.name, **cfg.task.kwargs())
+    tokenizer = load_or_make_tokenizer(workdir, task, path=cfg.tokenizer_path, vocab_size=cfg.tokenizer_vocab)
+    if tokenizer.vocab_size > cfg.model.vocab_size:
+        raise ValueError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's "
+                         f"{tokenizer.vocab_size} pieces: raise --config.model.vocab_size")
+
+    mesh = make_mesh(cfg.mesh)
+    lm = LM(cfg.model)
+    tx, schedule = make_optimizer(cfg.optim, cfg.steps)
+    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=cfg.train.keep_checkpoints,
+                        async_save=cfg.train.async_checkpoints)
+
+    source = read_jsonl(cfg.train_jsonl) if cfg.train_jsonl else task.source("train")
+    batches = build_sft_iterator(
+        source, tokenizer, seq_len=cfg.data.seq_len, batch_size=cfg.data.batch_size, packing=cfg.data.packing,
+        overlong=cfg.data.overlong, on_empty=cfg.data.on_empty, shuffle=cfg.data.shuffle, seed=cfg.seed)
+
+    latest = ckpt.latest_step()
+    if latest is None:
+        state, shardings = create_train_state(lm, tx, mesh, cfg.seed)
+        start_step, meta = 0, {}
+        log.info("model %s: %.2fM params on mesh %s", cfg.model.name, lm.n_params / 1e6, dict(mesh.shape))
+    else:
+        abstract = abstract_train_state(lm, tx)
+        shardings = state_shardings(abstract, lm.param_shardings(mesh), tx, mesh)
+        state, data_state, meta = ckpt.restore(latest, with_shardings(abstract, shardings))
+        batches.set_state(data_state)
+        start_step = int(jax.device_get(state.step))
+        log.info("resumed from %s at step %d", ckpt.directory, start_step)
+
+    eval_examples = task.examples("test", cfg.eval.n_examples)
+
+    def evaluate(params) -> float:
+        return task_accuracy(lm, params, tokenizer, task, eval_examples, cfg.eval, mesh)["accuracy"]
+
+    if "accuracy_before" not in meta:
+        meta["accuracy_before"] = evaluate(state.params) if cfg.eval.n_examples else None
+        log.info("held-out accuracy before training: %s", meta["accuracy_before"])
+
+    rows = cfg.data.batch_size // jax.process_count()
+    step_fn = make_sft_step(lm, tx, schedule, mesh, shardings, grad_accum=cfg.train.grad_accum,
+                            rows=cfg.data.batch_size, logprobs_impl=cfg.logprobs_impl)
+
+    def to_device(batch):
+        if batch["inputs"].shape[0] != rows:
+            raise ValueError(f"data pipeline gave {batch['inputs'].shape[0]} rows per process, expected {rows}")
+        return device_put_batch(split_microbatches(batch, cfg.train.grad_accum), step_fn.batch_shardings)
+
+    def checkpoint(step, state):
+        ckpt.save(step, state, data_state=batches.get_state(), meta=meta)
+
+    t_train = time.perf_counter()
+    state = train_loop(
+        step_fn=step_fn, state=state, batches=batches, to_device=to_device, start_step=start_step, steps=cfg.steps,
+        metrics_log=MetricsLog(os.path.join(workdir, "metrics.jsonl"), resume_step=start_step),
+        checkpoint=checkpoint, checkpoint_every=cfg.train.checkpoint_every or cfg.steps,
+        evaluate=lambda step, st: {"eval_accuracy": evaluate(st.params)}, eval_every=cfg.train.eval_every,
+        log_every=cfg.train.log_every, host_metrics=lambda: batches.stats, desc="sft")
+    train_time = time.perf_counter() - t_train
+    ckpt.close()
+
+    accuracy_after = evaluate(state.params) if cfg.eval.n_examples else None
+    results = {
+        "accuracy_before": meta["accuracy_before"],
+        "accuracy_after": accuracy_after,
+        "steps": cfg.steps,
+        "resumed_from_step": start_step,
+        "train_time_s": train_time,
+        "wall_time_s": time.perf_counter() - t_start,
+        "n_params": lm.n_params,
+        "data": batches.stats,
+    }
+    with open(os.path.join(workdir, "results.json"), "w") as f:
+        json.dump(results, f, indent=2)
+    plot_metrics(workdir, ("loss", "grad_norm", "lr", "tokens_per_s", "eval_accuracy"), filename="sft.png",
+                 title=f"SFT {cfg.model.name} on {cfg.task.name}")
+    log.info("results: %s", json.dumps({k: v for k, v in results.items() if k != "data"}))
+    return results
+
