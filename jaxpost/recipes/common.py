@@ -36,10 +36,10 @@ class TaskConfig:
 class EvalConfig:
     """Held-out accuracy of greedy answers on the first `n_examples` problems of the task's test split."""
 
-    n_examples: int = 256
-    batch_size: int = 64
-    max_prompt_len: int = 48
-    max_new_tokens: int = 10
+    n_examples: int = 200
+    batch_size: int = 100
+    max_prompt_len: int = 24
+    max_new_tokens: int = 7
 
     def __post_init__(self):
         if self.n_examples < 0 or self.batch_size <= 0 or self.max_prompt_len <= 0 or self.max_new_tokens <= 0:

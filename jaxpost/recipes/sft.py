@@ -54,8 +54,11 @@ class SFTConfig:
             raise ValueError(f"SFTConfig.steps must be > 0, got {self.steps}")
 
 
-def run(cfg: SFTConfig, workdir: str) -> dict:
-    """Trains, evaluates and writes config.json, metrics.jsonl, checkpoints/, plots and results.json into workdir."""
+def run(cfg: SFTConfig, workdir: str, *, stop_at: int | None = None) -> dict | None:
+    """Trains, evaluates and writes config.json, metrics.jsonl, checkpoints/, plots and results.json into workdir.
+
+    `stop_at` ends this invocation after that step (and its checkpoint), as a preemption would; calling `run` again
+    on the workdir continues the same run. Returns the results, or None when stopped early."""
     t_start = time.perf_counter()
     setup_logging()
     os.makedirs(workdir, exist_ok=True)
@@ -118,8 +121,14 @@ def run(cfg: SFTConfig, workdir: str) -> dict:
         metrics_log=MetricsLog(os.path.join(workdir, "metrics.jsonl"), resume_step=start_step),
         checkpoint=checkpoint, checkpoint_every=cfg.train.checkpoint_every or cfg.steps,
         evaluate=lambda step, st: {"eval_accuracy": evaluate(st.params)}, eval_every=cfg.train.eval_every,
-        log_every=cfg.train.log_every, host_metrics=lambda: batches.stats, desc="sft")
+        log_every=cfg.train.log_every, host_metrics=lambda: batches.stats, desc="sft", stop_at=stop_at)
     train_time = time.perf_counter() - t_train
+    if stop_at is not None and stop_at < cfg.steps:
+        ckpt.wait()
+        if ckpt.latest_step() != stop_at:
+            ckpt.save(stop_at, state, data_state=batches.get_state(), meta=meta, force=True)
+        ckpt.close()
+        return None
     ckpt.close()
 
     accuracy_after = evaluate(state.params) if cfg.eval.n_examples else None

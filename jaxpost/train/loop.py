@@ -78,8 +78,10 @@ def train_loop(
     log_every: int = 10,
     host_metrics: Callable[[], dict] | None = None,
     desc: str = "train",
+    stop_at: int | None = None,
 ) -> Any:
-    """Runs steps start_step+1 .. steps. `checkpoint(step, state)` is called right after step `step` is dispatched
+    """Runs steps start_step+1 .. steps (or only up to `stop_at`, as a preempted job would: a later call with the
+    same arguments from the last checkpoint continues the same run). `checkpoint(step, state)` is called right after step `step` is dispatched
     (before the next batch is drawn); `evaluate(step, state)` returns metrics to log; `host_metrics()` adds host-side
     counters (e.g. data statistics) to every logged line. Returns the final state."""
     pending: tuple[int, dict, float] | None = None
@@ -104,7 +106,8 @@ def train_loop(
             log.info("step %d: %s", step, " ".join(f"{k}={v:.5g}" for k, v in record.items()
                                                       if isinstance(v, float) and k != "step"))
 
-    for step in range(start_step + 1, steps + 1):
+    last = steps if stop_at is None else min(stop_at, steps)
+    for step in range(start_step + 1, last + 1):
         batch = to_device(next(batches))
         state, metrics = step_fn(state, batch)
         if checkpoint is not None and checkpoint_every and (step % checkpoint_every == 0 or step == steps):
