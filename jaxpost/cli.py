@@ -89,6 +89,9 @@ def run(main: Callable[[Any, str], Any], default_config: Any, *, default_workdir
         if len(argv) > 1:
             raise app.UsageError(f"unexpected arguments: {argv[1:]}")
         cfg = from_config_dict(type(default_config), holder.value)
+        if os.environ.get("JAX_COORDINATOR_ADDRESS") or os.environ.get("JAXPOST_DISTRIBUTED") == "1":
+            import jax
+            jax.distributed.initialize()  # multi-host: one process per host, cluster settings from the environment
         workdir = flags.FLAGS.workdir
         os.makedirs(workdir, exist_ok=True)
         main(cfg, workdir)

@@ -110,3 +110,8 @@ def test_killed_run_resumes_from_last_complete_checkpoint(tmp_path):
     steps = [r["step"] for r in read_metrics(os.path.join(workdir, "metrics.jsonl")) if "loss" in r]
     assert steps == list(range(1, last + 3))  # each step logged once, lines after the checkpoint dropped
     assert not os.path.exists(junk)
+    for name in ("config.json", "metrics.jsonl", "results.json", "sft.png", "tokenizer.model"):
+        assert os.path.exists(os.path.join(workdir, name)), name
+    assert json.load(open(os.path.join(workdir, "config.json")))["steps"] == last + 2
+    assert 0.0 <= results["accuracy_before"] <= 1.0 and 0.0 <= results["accuracy_after"] <= 1.0
+    assert results["wall_time_s"] > 0

@@ -180,7 +180,16 @@ class Transformer(nnx.Module):
 
         if cfg.remat:
             layer = nnx.remat(layer, policy=jax.checkpoint_policies.nothing_saveable)
-        x_BTD = nnx.scan(layer, in_axes=(nnx.Carry, 0), out_axes=nnx.Carry)(x_BTD, self.blocks)
+        import os
+        mode = os.environ.get("JP_LAYERS", "scan")
+        if mode == "scan":
+            x_BTD = nnx.scan(layer, in_axes=(nnx.Carry, 0), out_axes=nnx.Carry)(x_BTD, self.blocks)
+        elif mode == "unroll":
+            x_BTD = nnx.scan(layer, in_axes=(nnx.Carry, 0), out_axes=nnx.Carry, unroll=True)(x_BTD, self.blocks)
+        else:
+            gd, st = nnx.split(self.blocks)
+            for i in range(cfg.n_layers):
+                x_BTD = layer(x_BTD, nnx.merge(gd, jax.tree.map(lambda a: a[i], st)))
         return self.final_norm(x_BTD)
 
     def unembedding(self) -> Float[Array, "D V"]:

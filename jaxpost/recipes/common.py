@@ -76,8 +76,9 @@ def device_put_batch(batch: dict, shardings: dict) -> dict:
     return {k: jax.make_array_from_process_local_data(shardings[k], np.asarray(batch[k])) for k in shardings}
 
 
-def task_accuracy(lm, params, tokenizer, task, examples, cfg: EvalConfig, mesh) -> dict:
-    """Fraction of `examples` whose greedy completion the task's checker accepts."""
+def task_accuracy(lm, params, tokenizer, task, examples, cfg: EvalConfig, mesh, *, n_samples: int = 5) -> dict:
+    """Fraction of `examples` whose greedy completion the task's checker accepts, and the first `n_samples`
+    (prompt, completion, answer) triples."""
     if not examples:
         return {"accuracy": None, "n": 0}
     correct, total = 0, 0
@@ -97,7 +98,7 @@ def task_accuracy(lm, params, tokenizer, task, examples, cfg: EvalConfig, mesh) 
                 ok = task.check(completion, batch["answers"][row])
                 correct += int(ok)
                 total += 1
-                if len(samples) < 3:
-                    samples.append((completion, batch["answers"][row]))
-    log.debug("eval samples (completion, answer): %s", samples)
-    return {"accuracy": correct / total, "n": total}
+                if len(samples) < n_samples:
+                    samples.append({"prompt": examples[batch["indices"][row]].get("prompt"),
+                                    "completion": completion, "answer": batch["answers"][row], "correct": ok})
+    return {"accuracy": correct / total, "n": total, "samples": samples}

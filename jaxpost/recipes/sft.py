@@ -96,8 +96,9 @@ def run(cfg: SFTConfig, workdir: str, *, stop_at: int | None = None) -> dict | N
 
     eval_examples = task.examples("test", cfg.eval.n_examples)
 
-    def evaluate(params) -> float:
-        return task_accuracy(lm, params, tokenizer, task, eval_examples, cfg.eval, mesh)["accuracy"]
+    def evaluate(params, full: bool = False):
+        out = task_accuracy(lm, params, tokenizer, task, eval_examples, cfg.eval, mesh)
+        return out if full else out["accuracy"]
 
     if "accuracy_before" not in meta:
         meta["accuracy_before"] = evaluate(state.params) if cfg.eval.n_examples else None
@@ -131,10 +132,11 @@ def run(cfg: SFTConfig, workdir: str, *, stop_at: int | None = None) -> dict | N
         return None
     ckpt.close()
 
-    accuracy_after = evaluate(state.params) if cfg.eval.n_examples else None
+    final = evaluate(state.params, full=True) if cfg.eval.n_examples else {"accuracy": None, "samples": []}
     results = {
         "accuracy_before": meta["accuracy_before"],
-        "accuracy_after": accuracy_after,
+        "accuracy_after": final["accuracy"],
+        "samples": final["samples"],
         "steps": cfg.steps,
         "resumed_from_step": start_step,
         "train_time_s": train_time,
@@ -146,6 +148,6 @@ def run(cfg: SFTConfig, workdir: str, *, stop_at: int | None = None) -> dict | N
         json.dump(results, f, indent=2)
     plot_metrics(workdir, ("loss", "grad_norm", "lr", "tokens_per_s", "eval_accuracy"), filename="sft.png",
                  title=f"SFT {cfg.model.name} on {cfg.task.name}")
-    log.info("results: %s", json.dumps({k: v for k, v in results.items() if k != "data"}))
+    log.info("results: %s", json.dumps({k: v for k, v in results.items() if k not in ("data", "samples")}))
     return results
 

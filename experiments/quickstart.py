@@ -1,0 +1,23 @@
+"""The quickstart: supervised fine-tuning of the small preset on the built-in arithmetic task, then a held-out
+evaluation of its greedy answers. Finishes in a few minutes on a laptop CPU.
+
+    python -m experiments.quickstart --workdir runs/quickstart
+"""
+
+from jaxpost import cli
+from jaxpost.config import DataConfig
+from jaxpost.recipes import sft
+
+CONFIG = sft.SFTConfig(steps=120, data=DataConfig(seq_len=64, batch_size=32))
+
+
+def main(cfg: sft.SFTConfig, workdir: str) -> None:
+    results = sft.run(cfg, workdir)
+    print(f"\nheld-out accuracy: {results['accuracy_before']:.1%} before SFT -> {results['accuracy_after']:.1%} after "
+          f"{results['steps']} steps ({results['wall_time_s']:.0f} s). Curves: {workdir}/sft.png")
+    for ex in results.get("samples", []):
+        print(f"  {ex['prompt']!r:28} -> {ex['completion']!r:8} (answer {ex['answer']})")
+
+
+if __name__ == "__main__":
+    cli.run(main, CONFIG, default_workdir="runs/quickstart")
