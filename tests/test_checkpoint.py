@@ -37,7 +37,7 @@ TINY_FLAGS = ["--config.model.d_model=64", "--config.model.n_layers=2", "--confi
 
 def _restore(workdir, cfg, mesh):
     lm = LM(cfg.model)
-    tx, _ = make_optimizer(cfg.optim, cfg.steps)
+    tx, _ = make_optimizer(cfg.optim, cfg.steps, logical_axes=lm.logical_axes)
     abstract = abstract_train_state(lm, tx)
     shardings = state_shardings(abstract, lm.param_shardings(mesh), tx, mesh)
     ckpt = Checkpointer(os.path.join(workdir, "checkpoints"))

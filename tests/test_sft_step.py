@@ -102,3 +102,13 @@ def test_bad_micro_batch_split_is_reported():
     batch = random_batch(np.random.default_rng(0), 6, 8, V)
     with pytest.raises(ValueError, match="grad_accum=4"):
         split_microbatches(batch, 4)
+
+
+def test_weight_decay_skips_stacked_norm_scales_and_biases():
+    from jaxpost.train.optim import decay_mask
+    lm = LM(tiny_config(qkv_bias=True, qk_norm=True))
+    mask = decay_mask(lm.logical_axes)
+    assert mask["blocks"]["mlp"]["gate"] and mask["blocks"]["attn"]["q"] and mask["embed"] and mask["lm_head"]
+    assert not mask["blocks"]["attn_norm"]["scale"]  # [layers, D]: 2-D but not a matrix
+    assert not mask["blocks"]["attn"]["q_bias"]  # [layers, H, hd]: a bias with two named axes
+    assert not mask["final_norm"]["scale"] and not mask["blocks"]["attn"]["q_norm"]["scale"]

@@ -14,7 +14,7 @@ import time
 
 import jax
 
-from jaxpost.cli import write_config
+from jaxpost.cli import to_json_dict, write_config
 from jaxpost.config import DataConfig, MeshConfig, ModelConfig, OptimConfig, TrainConfig
 from jaxpost.data import build_sft_iterator, make_task, read_jsonl
 from jaxpost.models import LM
@@ -72,7 +72,7 @@ def run(cfg: SFTConfig, workdir: str, *, stop_at: int | None = None) -> dict | N
 
     mesh = make_mesh(cfg.mesh)
     lm = LM(cfg.model)
-    tx, schedule = make_optimizer(cfg.optim, cfg.steps)
+    tx, schedule = make_optimizer(cfg.optim, cfg.steps, logical_axes=lm.logical_axes)
     ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=cfg.train.keep_checkpoints,
                         async_save=cfg.train.async_checkpoints)
 
@@ -100,6 +100,7 @@ def run(cfg: SFTConfig, workdir: str, *, stop_at: int | None = None) -> dict | N
         out = task_accuracy(lm, params, tokenizer, task, eval_examples, cfg.eval, mesh)
         return out if full else out["accuracy"]
 
+    meta["config"] = to_json_dict(cfg)  # the config of the run that wrote each checkpoint
     if "accuracy_before" not in meta:
         meta["accuracy_before"] = evaluate(state.params) if cfg.eval.n_examples else None
         log.info("held-out accuracy before training: %s", meta["accuracy_before"])
