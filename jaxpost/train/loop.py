@@ -110,11 +110,11 @@ def train_loop(
     for step in range(start_step + 1, last + 1):
         batch = to_device(next(batches))
         state, metrics = step_fn(state, batch)
-        if checkpoint is not None and checkpoint_every and (step % checkpoint_every == 0 or step == steps):
-            checkpoint(step, state)
-        if pending is not None:
+        if pending is not None:  # step N-1's metrics are read while step N runs
             flush(pending)
         pending = (step, metrics, time.perf_counter())
+        if checkpoint is not None and checkpoint_every and (step % checkpoint_every == 0 or step == steps):
+            checkpoint(step, state)
         if evaluate is not None and eval_every and step % eval_every == 0 and step != steps:
             flush(pending)
             pending = None
