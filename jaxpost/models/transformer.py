@@ -84,59 +84,31 @@ class Attention(nnx.Module):
             self.k_norm = RMSNorm(hd, eps=cfg.rms_eps, axis_name="head_dim", param_dtype=pd)
 
     def __call__(self, x_BTD, positions_BT, mask, inv_freq):
-        import os
-        E = lambda k: os.environ.get(k, "0") == "1"
         cfg = self.cfg
         dt = jnp.dtype(cfg.dtype)
-        H, K = cfg.n_heads, cfg.n_kv_heads
-        if E("JP_QKV"):
-            w = jnp.concatenate([self.q[...], self.k[...], self.v[...]], axis=1).astype(dt)
-            qkv = jnp.einsum("btd,dhk->bthk", x_BTD, w)
-            q_BTHh, k_BTKh, v_BTKh = qkv[:, :, :H], qkv[:, :, H:H + K], qkv[:, :, H + K:]
-        else:
-            q_BTHh = jnp.einsum("btd,dhk->bthk", x_BTD, self.q[...].astype(dt))
-            k_BTKh = jnp.einsum("btd,dhk->bthk", x_BTD, self.k[...].astype(dt))
-            v_BTKh = jnp.einsum("btd,dhk->bthk", x_BTD, self.v[...].astype(dt))
+        q_BTHh = jnp.einsum("btd,dhk->bthk", x_BTD, self.q[...].astype(dt))
+        k_BTKh = jnp.einsum("btd,dhk->bthk", x_BTD, self.k[...].astype(dt))
+        v_BTKh = jnp.einsum("btd,dhk->bthk", x_BTD, self.v[...].astype(dt))
         if cfg.qkv_bias:
             q_BTHh += self.q_bias[...].astype(dt)
             k_BTKh += self.k_bias[...].astype(dt)
             v_BTKh += self.v_bias[...].astype(dt)
         if cfg.qk_norm:
             q_BTHh, k_BTKh = self.q_norm(q_BTHh), self.k_norm(k_BTKh)
-        if E("JP_ROPE"):
-            cos, sin = inv_freq
-            q_BTHh = shard(rope2(q_BTHh, cos, sin), ("batch", "seq", "heads", "head_dim"))
-            k_BTKh = shard(rope2(k_BTKh, cos, sin), ("batch", "seq", "kv_heads", "head_dim"))
-        else:
-            q_BTHh = shard(apply_rope(q_BTHh, positions_BT, inv_freq), ("batch", "seq", "heads", "head_dim"))
-            k_BTKh = shard(apply_rope(k_BTKh, positions_BT, inv_freq), ("batch", "seq", "kv_heads", "head_dim"))
+        q_BTHh = shard(apply_rope(q_BTHh, positions_BT, inv_freq), ("batch", "seq", "heads", "head_dim"))
+        k_BTKh = shard(apply_rope(k_BTKh, positions_BT, inv_freq), ("batch", "seq", "kv_heads", "head_dim"))
         v_BTKh = shard(v_BTKh, ("batch", "seq", "kv_heads", "head_dim"))
 
         B, T, H, hd = q_BTHh.shape
-        if E("JP_DPA"):
-            out_BTHh = jax.nn.dot_product_attention(q_BTHh, k_BTKh, v_BTKh, mask=mask[:, 0], implementation="xla")
-        else:
-            q_BTKGh = q_BTHh.reshape(B, T, K, H // K, hd)
-            if E("JP_QSCALE"):
-                q_BTKGh = q_BTKGh * jnp.asarray(hd ** -0.5, dt)
-                scores_BKGTS = jnp.einsum("btkgh,bskh->bkgts", q_BTKGh, k_BTKh, preferred_element_type=jnp.float32)
-            else:
-                scores_BKGTS = jnp.einsum("btkgh,bskh->bkgts", q_BTKGh, k_BTKh,
-                                          preferred_element_type=jnp.float32) * (hd ** -0.5)
-            if E("JP_BIAS"):
-                scores_BKGTS = scores_BKGTS + mask
-            else:
-                scores_BKGTS = jnp.where(mask, scores_BKGTS, _MASK_VALUE)
-            probs_BKGTS = jax.nn.softmax(scores_BKGTS, axis=-1).astype(dt)
-            out_BTKGh = jnp.einsum("bkgts,bskh->btkgh", probs_BKGTS, v_BTKh)
-            out_BTHh = out_BTKGh.reshape(B, T, H, hd)
+        K = cfg.n_kv_heads
+        q_BTKGh = q_BTHh.reshape(B, T, K, H // K, hd)
+        scores_BKGTS = jnp.einsum("btkgh,bskh->bkgts", q_BTKGh, k_BTKh,
+                                  preferred_element_type=jnp.float32) * (hd ** -0.5)
+        scores_BKGTS = jnp.where(mask, scores_BKGTS, _MASK_VALUE)
+        probs_BKGTS = jax.nn.softmax(scores_BKGTS, axis=-1).astype(dt)
+        out_BTKGh = jnp.einsum("bkgts,bskh->btkgh", probs_BKGTS, v_BTKh)
+        out_BTHh = out_BTKGh.reshape(B, T, H, hd)
         return jnp.einsum("bthk,hkd->btd", out_BTHh, self.o[...].astype(dt))
-
-
-def rope2(x, cos, sin):
-    x = x.astype(jnp.float32)
-    x1, x2 = jnp.split(x, 2, axis=-1)
-    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
 
 
 class MLP(nnx.Module):
@@ -148,15 +120,9 @@ class MLP(nnx.Module):
         self.down = _param(rngs, (F, D), ("mlp", "embed"), std=std / (2 * cfg.n_layers) ** 0.5, dtype=pd)
 
     def __call__(self, x_BTD):
-        import os
         dt = jnp.dtype(self.cfg.dtype)
-        if os.environ.get("JP_GU", "0") == "1":
-            F = self.cfg.mlp_dim
-            gu = x_BTD @ jnp.concatenate([self.gate[...], self.up[...]], axis=1).astype(dt)
-            g_BTF, u_BTF = gu[..., :F], gu[..., F:]
-        else:
-            g_BTF = x_BTD @ self.gate[...].astype(dt)
-            u_BTF = x_BTD @ self.up[...].astype(dt)
+        g_BTF = x_BTD @ self.gate[...].astype(dt)
+        u_BTF = x_BTD @ self.up[...].astype(dt)
         h_BTF = shard(jax.nn.silu(g_BTF) * u_BTF, ("batch", "seq", "mlp"))
         return h_BTF @ self.down[...].astype(dt)
 
@@ -202,15 +168,8 @@ class Transformer(nnx.Module):
             positions_BT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
         if segment_ids_BT is None:
             segment_ids_BT = jnp.ones((B, T), jnp.int32)
-        import os
         mask = attention_mask(segment_ids_BT)
-        if os.environ.get("JP_BIAS", "0") == "1" or os.environ.get("JP_DPA", "0") == "1":
-            if os.environ.get("JP_BIAS", "0") == "1":
-                mask = jnp.where(mask, 0.0, _MASK_VALUE).astype(jnp.float32)
         inv_freq = rope_frequencies(cfg.head_dim, cfg.rope_theta)
-        if os.environ.get("JP_ROPE", "0") == "1":
-            ang = positions_BT.astype(jnp.float32)[..., None] * inv_freq
-            inv_freq = (jnp.cos(ang)[:, :, None, :], jnp.sin(ang)[:, :, None, :])
 
         table_VD = shard(self.embed[...], ("vocab", "embed"))  # gathered over fsdp; vocab stays over tensor
         x_BTD = jnp.take(table_VD, tokens_BT, axis=0).astype(cfg.dtype)
@@ -221,16 +180,7 @@ class Transformer(nnx.Module):
 
         if cfg.remat:
             layer = nnx.remat(layer, policy=jax.checkpoint_policies.nothing_saveable)
-        import os
-        mode = os.environ.get("JP_LAYERS", "scan")
-        if mode == "scan":
-            x_BTD = nnx.scan(layer, in_axes=(nnx.Carry, 0), out_axes=nnx.Carry)(x_BTD, self.blocks)
-        elif mode == "unroll":
-            x_BTD = nnx.scan(layer, in_axes=(nnx.Carry, 0), out_axes=nnx.Carry, unroll=True)(x_BTD, self.blocks)
-        else:
-            gd, st = nnx.split(self.blocks)
-            for i in range(cfg.n_layers):
-                x_BTD = layer(x_BTD, nnx.merge(gd, jax.tree.map(lambda a: a[i], st)))
+        x_BTD = nnx.scan(layer, in_axes=(nnx.Carry, 0), out_axes=nnx.Carry)(x_BTD, self.blocks)
         return self.final_norm(x_BTD)
 
     def unembedding(self) -> Float[Array, "D V"]:
