@@ -70,7 +70,7 @@ def matmul_peak_gflops(n: int, reps: int) -> dict:
             "matmul_ms": [round(t * 1e3, 2) for t in times]}
 
 
-def run_case(case: Case, warmup: int, steps: int) -> dict:
+def run_case(case: Case, warmup: int, steps: int, matmul_n: int) -> dict:
     """Compile and time one SFT step in this process (JAX must not have started yet)."""
     import jax
 
@@ -109,17 +109,22 @@ def run_case(case: Case, warmup: int, steps: int) -> dict:
     mem = compiled.memory_analysis()
 
     for _ in range(warmup):
-        state, metrics = compiled(state, batch)
-    jax.block_until_ready(metrics)
+        state, _ = compiled(state, batch)
+    jax.block_until_ready(state)
     times = []
+    ru0 = resource.getrusage(resource.RUSAGE_SELF)
     for _ in range(steps):
         t0 = time.perf_counter()
         state, metrics = compiled(state, batch)
         jax.block_until_ready(metrics)
         times.append(time.perf_counter() - t0)
+    ru1 = resource.getrusage(resource.RUSAGE_SELF)
     loss = float(metrics["loss"])
     if not np.isfinite(loss):
         raise FloatingPointError(f"{case.name}: loss {loss}")
+
+    # The same peak matmul again, in this process right after the steps: a check on load drift between cases.
+    local_peak = matmul_peak_gflops(matmul_n, reps=3)["matmul_peak_gflops"]
 
     step_s = float(np.median(times))
     tokens = B * T
@@ -135,6 +140,12 @@ def run_case(case: Case, warmup: int, steps: int) -> dict:
         "model_gflop_per_step": round(flops / 1e9, 3),
         "model_gflops": round(flops / step_s / 1e9, 2),
         "loss": round(loss, 5),
+        "matmul_peak_gflops_in_case": round(local_peak, 1),
+        # Process CPU time per step (all threads) and minor page faults: XLA:CPU maps its temporary buffer afresh
+        # on every execution, so the kernel's page-fault work grows with temp_bytes.
+        "cpu_user_ms_per_step": round((ru1.ru_utime - ru0.ru_utime) / steps * 1e3, 1),
+        "cpu_sys_ms_per_step": round((ru1.ru_stime - ru0.ru_stime) / steps * 1e3, 1),
+        "minor_faults_per_step": round((ru1.ru_minflt - ru0.ru_minflt) / steps),
         "memory": {
             "temp_bytes": int(mem.temp_size_in_bytes),
             "argument_bytes": int(mem.argument_size_in_bytes),
@@ -150,7 +161,7 @@ def run_case(case: Case, warmup: int, steps: int) -> dict:
 
 def spawn_case(case: Case, args) -> dict:
     cmd = [sys.executable, os.path.abspath(__file__), "--_case", case.name, "--_warmup", str(args.warmup),
-           "--_steps", str(args.steps)]
+           "--_steps", str(args.steps), "--matmul-n", str(args.matmul_n)]
     log(f"case {case.name}: {case.preset} V={case.vocab_size} {case.batch}x{case.seq_len} fsdp={case.fsdp} "
         f"impl={case.logprobs_impl}")
     out = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, check=True)
@@ -175,9 +186,10 @@ def main(argv=None) -> None:
 
     if args._case is not None:  # child process: one case, one JSON line
         case = {c.name: c for c in CASES}[args._case]
-        print(json.dumps(run_case(case, args._warmup, args._steps)), flush=True)
+        print(json.dumps(run_case(case, args._warmup, args._steps, args.matmul_n)), flush=True)
         return
 
+    args.matmul_n = args.matmul_n or (2048 if args.quick else 4096)
     args.warmup = args.warmup if args.warmup is not None else (0 if args.quick else 2)
     args.steps = args.steps if args.steps is not None else (1 if args.quick else 7)
     by_name = {c.name: c for c in CASES}
@@ -191,7 +203,7 @@ def main(argv=None) -> None:
 
     import jax
 
-    n = args.matmul_n or (2048 if args.quick else 4096)
+    n = args.matmul_n
     log(f"matmul peak ({n}^3 float32) ...")
     load_before = os.getloadavg()
     peak = matmul_peak_gflops(n, reps=3 if args.quick else 5)

@@ -7,6 +7,13 @@ depth). Every parameter carries logical axis names in its `axes` metadata; `jaxp
 
 The model returns final hidden states; applying the unembedding is the loss's job (`jaxpost.ops.token_logprobs`), so
 no training path materialises [tokens x vocab] logits.
+
+Performance notes (XLA:CPU, measured with tools/bench_train.py; see docs/benchmarks.md): every projection runs as a
+2-D [tokens, in] @ [in, out] matmul (a 3-D einsum makes XLA transpose the [tokens, out] cotangent for the weight
+gradient), attention runs head-major ([B, kv_heads, group * T, head_dim]) so both attention matmuls are plain batched
+matmuls, the RoPE tables are computed once per forward pass rather than once per layer, and SwiGLU has a custom VJP
+that stores only its two inputs (XLA:CPU page-faults in its whole temporary buffer on every step, so stored
+activations cost time as well as memory).
 """
 
 from __future__ import annotations
@@ -47,14 +54,51 @@ def rope_frequencies(head_dim: int, theta: float) -> Float[Array, "hd2"]:
     return 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
 
 
-def apply_rope(x_BTNh, positions_BT, inv_freq):
-    """Rotate-half RoPE (the Hugging Face Llama layout: pairs (i, i + head_dim/2)), computed in float32."""
+def rope_tables(positions_BT, inv_freq):
+    """(cos, sin) of the RoPE angles, each float32 [B, T, 1, head_dim/2] (broadcast over heads)."""
     angles_BTf = positions_BT.astype(jnp.float32)[..., None] * inv_freq
-    cos, sin = jnp.cos(angles_BTf)[:, :, None, :], jnp.sin(angles_BTf)[:, :, None, :]
+    return jnp.cos(angles_BTf)[:, :, None, :], jnp.sin(angles_BTf)[:, :, None, :]
+
+
+def rotate(x_BTNh, cos, sin):
+    """Rotate-half RoPE (the Hugging Face Llama layout: pairs (i, i + head_dim/2)) with precomputed tables, in
+    float32."""
     x = x_BTNh.astype(jnp.float32)
     x1, x2 = jnp.split(x, 2, axis=-1)
     out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
     return out.astype(x_BTNh.dtype)
+
+
+def apply_rope(x_BTNh, positions_BT, inv_freq):
+    """Rotate-half RoPE at `positions_BT` (tables computed on the fly; the model shares them across layers)."""
+    return rotate(x_BTNh, *rope_tables(positions_BT, inv_freq))
+
+
+@jax.custom_vjp
+def swiglu(g, u):
+    """silu(g) * u. Its VJP keeps only g and u for the backward pass: autodiff through silu would also store
+    sigmoid(g), silu(g) and the product, three more [tokens x mlp] arrays per layer."""
+    return jax.nn.silu(g) * u
+
+
+def _swiglu_fwd(g, u):
+    return swiglu(g, u), (g, u)
+
+
+def _swiglu_bwd(res, dh):
+    g, u = res
+    s = jax.nn.sigmoid(g)
+    return dh * u * (s * (1 + g * (1 - s))), dh * (g * s)  # silu'(g) = s (1 + g (1 - s)), silu(g) = g s
+
+
+swiglu.defvjp(_swiglu_fwd, _swiglu_bwd)
+
+
+def dense(x, w, dt):
+    """x [..., d_in] @ w [d_in, ...] as one 2-D matmul over flattened tokens, in compute dtype `dt`."""
+    w2 = w.astype(dt).reshape(x.shape[-1], -1)
+    y = x.reshape(-1, x.shape[-1]) @ w2
+    return y.reshape(*x.shape[:-1], *w.shape[1:])
 
 
 def attention_mask(segment_ids_BT: Int[Array, "B T"]) -> jax.Array:
@@ -83,32 +127,38 @@ class Attention(nnx.Module):
             self.q_norm = RMSNorm(hd, eps=cfg.rms_eps, axis_name="head_dim", param_dtype=pd)
             self.k_norm = RMSNorm(hd, eps=cfg.rms_eps, axis_name="head_dim", param_dtype=pd)
 
-    def __call__(self, x_BTD, positions_BT, mask, inv_freq):
+    def __call__(self, x_BTD, rope, mask):
+        """rope: (cos, sin) from `rope_tables`; mask: [B, 1, 1, T, T] boolean from `attention_mask`."""
         cfg = self.cfg
         dt = jnp.dtype(cfg.dtype)
-        q_BTHh = jnp.einsum("btd,dhk->bthk", x_BTD, self.q[...].astype(dt))
-        k_BTKh = jnp.einsum("btd,dhk->bthk", x_BTD, self.k[...].astype(dt))
-        v_BTKh = jnp.einsum("btd,dhk->bthk", x_BTD, self.v[...].astype(dt))
+        q_BTHh = dense(x_BTD, self.q[...], dt)
+        k_BTKh = dense(x_BTD, self.k[...], dt)
+        v_BTKh = dense(x_BTD, self.v[...], dt)
         if cfg.qkv_bias:
             q_BTHh += self.q_bias[...].astype(dt)
             k_BTKh += self.k_bias[...].astype(dt)
             v_BTKh += self.v_bias[...].astype(dt)
         if cfg.qk_norm:
             q_BTHh, k_BTKh = self.q_norm(q_BTHh), self.k_norm(k_BTKh)
-        q_BTHh = shard(apply_rope(q_BTHh, positions_BT, inv_freq), ("batch", "seq", "heads", "head_dim"))
-        k_BTKh = shard(apply_rope(k_BTKh, positions_BT, inv_freq), ("batch", "seq", "kv_heads", "head_dim"))
+        q_BTHh = shard(rotate(q_BTHh, *rope), ("batch", "seq", "heads", "head_dim"))
+        k_BTKh = shard(rotate(k_BTKh, *rope), ("batch", "seq", "kv_heads", "head_dim"))
         v_BTKh = shard(v_BTKh, ("batch", "seq", "kv_heads", "head_dim"))
 
+        # Head-major layout: the G = H / K query heads that share a kv head are stacked along the query axis
+        # (M = G * T rows), so scores and outputs are plain batched matmuls over (B, K).
         B, T, H, hd = q_BTHh.shape
         K = cfg.n_kv_heads
-        q_BTKGh = q_BTHh.reshape(B, T, K, H // K, hd)
-        scores_BKGTS = jnp.einsum("btkgh,bskh->bkgts", q_BTKGh, k_BTKh,
-                                  preferred_element_type=jnp.float32) * (hd ** -0.5)
-        scores_BKGTS = jnp.where(mask, scores_BKGTS, _MASK_VALUE)
-        probs_BKGTS = jax.nn.softmax(scores_BKGTS, axis=-1).astype(dt)
-        out_BTKGh = jnp.einsum("bkgts,bskh->btkgh", probs_BKGTS, v_BTKh)
-        out_BTHh = out_BTKGh.reshape(B, T, H, hd)
-        return jnp.einsum("bthk,hkd->btd", out_BTHh, self.o[...].astype(dt))
+        G = H // K
+        q_BKMh = q_BTHh.reshape(B, T, K, G, hd).transpose(0, 2, 3, 1, 4).reshape(B, K, G * T, hd)
+        k_BKSh = k_BTKh.transpose(0, 2, 1, 3)
+        v_BKSh = v_BTKh.transpose(0, 2, 1, 3)
+        scores_BKMS = jnp.einsum("bkmh,bksh->bkms", q_BKMh, k_BKSh,
+                                 preferred_element_type=jnp.float32) * (hd ** -0.5)
+        scores_BKGTS = jnp.where(mask, scores_BKMS.reshape(B, K, G, T, T), _MASK_VALUE)
+        probs_BKMS = jax.nn.softmax(scores_BKGTS, axis=-1).astype(dt).reshape(B, K, G * T, T)
+        out_BKMh = jnp.einsum("bkms,bksh->bkmh", probs_BKMS, v_BKSh)
+        out_BTHh = out_BKMh.reshape(B, K, G, T, hd).transpose(0, 3, 1, 2, 4).reshape(B, T, H, hd)
+        return dense(out_BTHh.reshape(B, T, H * hd), self.o[...].reshape(H * hd, -1), dt)
 
 
 class MLP(nnx.Module):
@@ -121,10 +171,10 @@ class MLP(nnx.Module):
 
     def __call__(self, x_BTD):
         dt = jnp.dtype(self.cfg.dtype)
-        g_BTF = x_BTD @ self.gate[...].astype(dt)
-        u_BTF = x_BTD @ self.up[...].astype(dt)
-        h_BTF = shard(jax.nn.silu(g_BTF) * u_BTF, ("batch", "seq", "mlp"))
-        return h_BTF @ self.down[...].astype(dt)
+        g_BTF = dense(x_BTD, self.gate[...], dt)
+        u_BTF = dense(x_BTD, self.up[...], dt)
+        h_BTF = shard(swiglu(g_BTF, u_BTF), ("batch", "seq", "mlp"))
+        return dense(h_BTF, self.down[...], dt)
 
 
 class Block(nnx.Module):
@@ -135,8 +185,8 @@ class Block(nnx.Module):
         self.mlp_norm = RMSNorm(cfg.d_model, eps=cfg.rms_eps, axis_name="norm", param_dtype=pd)
         self.mlp = MLP(cfg, rngs)
 
-    def __call__(self, x_BTD, positions_BT, mask, inv_freq):
-        x_BTD = x_BTD + self.attn(self.attn_norm(x_BTD), positions_BT, mask, inv_freq)
+    def __call__(self, x_BTD, rope, mask):
+        x_BTD = x_BTD + self.attn(self.attn_norm(x_BTD), rope, mask)
         x_BTD = x_BTD + self.mlp(self.mlp_norm(x_BTD))
         return shard(x_BTD, ("batch", "seq", "embed"))
 
@@ -169,14 +219,14 @@ class Transformer(nnx.Module):
         if segment_ids_BT is None:
             segment_ids_BT = jnp.ones((B, T), jnp.int32)
         mask = attention_mask(segment_ids_BT)
-        inv_freq = rope_frequencies(cfg.head_dim, cfg.rope_theta)
+        rope = rope_tables(positions_BT, rope_frequencies(cfg.head_dim, cfg.rope_theta))
 
         table_VD = shard(self.embed[...], ("vocab", "embed"))  # gathered over fsdp; vocab stays over tensor
         x_BTD = jnp.take(table_VD, tokens_BT, axis=0).astype(cfg.dtype)
         x_BTD = shard(x_BTD, ("batch", "seq", "embed"))
 
         def layer(x_BTD, block):
-            return block(x_BTD, positions_BT, mask, inv_freq)
+            return block(x_BTD, rope, mask)
 
         if cfg.remat:
             layer = nnx.remat(layer, policy=jax.checkpoint_policies.nothing_saveable)

@@ -2,8 +2,13 @@
 
 `token_logprobs` is the one entry every loss uses. The "chunked" implementation never materialises the full
 [tokens x vocab] logits: a `jax.custom_vjp` scans over token chunks in the forward pass, keeps only the per-token
-log-sum-exp, and recomputes each chunk's logits in the backward pass. "naive" builds the full logits and exists as
-the reference for tests and benchmarks.
+log-sum-exp (and entropy), and recomputes logits in the backward pass. The backward pass scans over vocabulary
+chunks when a column block fits the budget (the gradient of W is then written once per block and only the small
+[tokens x D] gradient of h is accumulated), else over token chunks (the [D x V] gradient of W is accumulated).
+"naive" builds the full logits and exists as the reference for tests and benchmarks.
+
+Every matmul is 2-D ([tokens, D] @ [D, V]): XLA:CPU turns 3-D contractions over (batch, tokens) into transposes of
+the [tokens x V] operand. The entropy is computed only when it is asked for.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from jaxtyping import Array, Float, Int
 IMPLS = ("auto", "chunked", "naive")
 DEFAULT_CHUNK_BUDGET_BYTES = 64 * 2**20
 _F32_TEMPS_PER_LOGIT = 4  # [chunk x vocab] float32 arrays alive at once in the backward pass
+_MIN_VOCAB_BLOCK = 256  # narrower column blocks make poor matmuls: use token chunks in the backward pass instead
 
 
 class TokenLogprobs(NamedTuple):
@@ -26,19 +32,39 @@ class TokenLogprobs(NamedTuple):
     entropy: Float[Array, "..."] | None
 
 
-def _chunk_stats(h_BCD, w_DV, t_BC, inv_temp):
-    """Float32 (logp, lse, entropy, logits) for one chunk."""
-    z_BCV = jnp.einsum("bcd,dv->bcv", h_BCD, w_DV, preferred_element_type=jnp.float32) * inv_temp
-    lse_BC = jax.nn.logsumexp(z_BCV, axis=-1)
-    z_t_BC = jnp.take_along_axis(z_BCV, t_BC[..., None], axis=-1)[..., 0]
-    p_BCV = jnp.exp(z_BCV - lse_BC[..., None])
-    ent_BC = lse_BC - jnp.sum(p_BCV * z_BCV, axis=-1)
-    return z_t_BC - lse_BC, lse_BC, ent_BC, z_BCV, p_BCV
+def _logits(h_ND, w_DV, inv_temp):
+    z_NV = jnp.dot(h_ND, w_DV, preferred_element_type=jnp.float32)
+    return z_NV if inv_temp == 1.0 else z_NV * inv_temp
 
 
-def _naive(h_BTD, w_DV, t_BT, temperature):
-    logp, lse, ent, _, _ = _chunk_stats(h_BTD, w_DV, t_BT, 1.0 / temperature)
-    return logp, lse, ent
+def _stats(h_ND, w_DV, t_N, inv_temp, entropy: bool):
+    """Float32 (logp, lse, entropy or None) of N tokens, all from one [N, V] block of logits."""
+    z_NV = _logits(h_ND, w_DV, inv_temp)
+    lse_N = jax.nn.logsumexp(z_NV, axis=-1)
+    logp_N = jnp.take_along_axis(z_NV, t_N[:, None], axis=-1)[:, 0] - lse_N
+    ent_N = None
+    if entropy:
+        p_NV = jnp.exp(z_NV - lse_N[:, None])
+        ent_N = lse_N - jnp.sum(p_NV * z_NV, axis=-1)
+    return logp_N, lse_N, ent_N
+
+
+def _flat(x):
+    return x.reshape(x.shape[0] * x.shape[1], *x.shape[2:])
+
+
+def _naive(h_BTD, w_DV, t_BT, temperature, entropy):
+    B, T = t_BT.shape
+    outs = _stats(_flat(h_BTD), w_DV, _flat(t_BT), 1.0 / temperature, entropy)
+    return tuple(None if o is None else o.reshape(B, T) for o in outs)
+
+
+def _scan(body, init, xs, n: int):
+    """`jax.lax.scan`, or one direct call of the body when there is a single chunk."""
+    if n == 1:
+        carry, y = body(init, jax.tree.map(lambda x: x[0], xs))
+        return carry, jax.tree.map(lambda x: x[None], y)
+    return jax.lax.scan(body, init, xs)
 
 
 def _to_chunks(x, n_chunks):
@@ -52,47 +78,88 @@ def _from_chunks(x):
     return jnp.moveaxis(x, 0, 1).reshape(B, n * C, *x.shape[3:])
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
-def _chunked(h_BTD, w_DV, t_BT, temperature, n_chunks):
-    out, _ = _chunked_fwd(h_BTD, w_DV, t_BT, temperature, n_chunks)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6))
+def _chunked(h_BTD, w_DV, t_BT, temperature, n_chunks, entropy, v_chunks):
+    """n_chunks: token chunks (forward, and backward when v_chunks == 0); v_chunks: vocabulary chunks of the
+    backward pass (0: use token chunks); entropy: whether the entropy is computed (else it is None)."""
+    out, _ = _chunked_fwd(h_BTD, w_DV, t_BT, temperature, n_chunks, entropy, v_chunks)
     return out
 
 
-def _chunked_fwd(h_BTD, w_DV, t_BT, temperature, n_chunks):
+def _chunked_fwd(h_BTD, w_DV, t_BT, temperature, n_chunks, entropy, v_chunks):
     inv_temp = 1.0 / temperature
 
     def body(_, xs):
         h_BCD, t_BC = xs
-        logp, lse, ent, _, _ = _chunk_stats(h_BCD, w_DV, t_BC, inv_temp)
-        return None, (logp, lse, ent)
+        B, C = t_BC.shape
+        outs = _stats(_flat(h_BCD), w_DV, _flat(t_BC), inv_temp, entropy)
+        return None, tuple(o.reshape(B, C) for o in outs if o is not None)
 
-    _, outs = jax.lax.scan(body, None, (_to_chunks(h_BTD, n_chunks), _to_chunks(t_BT, n_chunks)))
-    logp, lse, ent = (_from_chunks(o) for o in outs)
+    _, outs = _scan(body, None, (_to_chunks(h_BTD, n_chunks), _to_chunks(t_BT, n_chunks)), n_chunks)
+    outs = [_from_chunks(o) for o in outs]
+    logp, lse = outs[:2]
+    ent = outs[2] if entropy else None
     return (logp, lse, ent), (h_BTD, w_DV, t_BT, lse, ent)
 
 
-def _chunked_bwd(temperature, n_chunks, res, cts):
+def _dlogits(z_NV, t_N, lse_N, ent_N, glp_N, gl_N, ge_N, inv_temp, v0=0):
+    """d(sum glp*logp + gl*lse + ge*entropy)/dz, times d z / d(h W) = inv_temp: [N, V] float32.
+
+    d logp/dz = onehot(t) - p;  d lse/dz = p;  d entropy/dz = -p * (z - E_p[z]),  E_p[z] = lse - entropy.
+    """
+    p_NV = jnp.exp(z_NV - lse_N[:, None])
+    if ge_N is None:
+        dz_NV = p_NV * (gl_N - glp_N)[:, None]
+    else:
+        ez_N = lse_N - ent_N
+        dz_NV = p_NV * ((gl_N - glp_N)[:, None] - ge_N[:, None] * (z_NV - ez_N[:, None]))
+    cols_V = v0 + jnp.arange(z_NV.shape[1], dtype=t_N.dtype)
+    dz_NV = dz_NV + jnp.where(t_N[:, None] == cols_V[None, :], glp_N[:, None], 0.0)
+    return dz_NV if inv_temp == 1.0 else dz_NV * inv_temp
+
+
+def _chunked_bwd(temperature, n_chunks, entropy, v_chunks, res, cts):
     h_BTD, w_DV, t_BT, lse_BT, ent_BT = res
     g_logp, g_lse, g_ent = cts
     inv_temp = 1.0 / temperature
     V = w_DV.shape[1]
+    if not entropy:
+        g_ent = None
+
+    if v_chunks:
+        h_ND = _flat(h_BTD)
+        flat = [None if x is None else _flat(x) for x in (t_BT, lse_BT, ent_BT, g_logp, g_lse, g_ent)]
+        Vc = V // v_chunks
+
+        def vbody(carry, i):
+            dh_ND, dw_DV = carry
+            v0 = i * Vc
+            w_DC = jax.lax.dynamic_slice_in_dim(w_DV, v0, Vc, axis=1)
+            z_NC = _logits(h_ND, w_DC, inv_temp)
+            dz_NC = _dlogits(z_NC, *flat, inv_temp, v0)
+            dh_ND = dh_ND + jnp.dot(dz_NC.astype(w_DV.dtype), w_DC.T, preferred_element_type=jnp.float32)
+            dw_DC = jnp.dot(h_ND.T, dz_NC.astype(h_ND.dtype), preferred_element_type=jnp.float32)
+            dw_DV = jax.lax.dynamic_update_slice_in_dim(dw_DV, dw_DC, v0, axis=1)
+            return (dh_ND, dw_DV), None
+
+        init = (jnp.zeros(h_ND.shape, jnp.float32), jnp.zeros(w_DV.shape, jnp.float32))
+        (dh_ND, dw_DV), _ = _scan(vbody, init, jnp.arange(v_chunks), v_chunks)
+        return dh_ND.reshape(h_BTD.shape).astype(h_BTD.dtype), dw_DV.astype(w_DV.dtype), None
 
     def body(dw_DV, xs):
         h_BCD, t_BC, lse_BC, ent_BC, glp_BC, gl_BC, ge_BC = xs
-        z_BCV = jnp.einsum("bcd,dv->bcv", h_BCD, w_DV, preferred_element_type=jnp.float32) * inv_temp
-        p_BCV = jnp.exp(z_BCV - lse_BC[..., None])
-        # d logp/dz = onehot(t) - p;  d lse/dz = p;  d entropy/dz = -p * (z - E_p[z]),  E_p[z] = lse - entropy.
-        ez_BC = lse_BC - ent_BC
-        dz_BCV = p_BCV * ((gl_BC - glp_BC)[..., None] - ge_BC[..., None] * (z_BCV - ez_BC[..., None]))
-        dz_BCV = dz_BCV + glp_BC[..., None] * jax.nn.one_hot(t_BC, V, dtype=jnp.float32)
-        dz_BCV = dz_BCV * inv_temp
-        dh_BCD = jnp.einsum("bcv,dv->bcd", dz_BCV.astype(w_DV.dtype), w_DV, preferred_element_type=jnp.float32)
-        dw_DV = dw_DV + jnp.einsum("bcd,bcv->dv", h_BCD, dz_BCV.astype(h_BCD.dtype),
-                                   preferred_element_type=jnp.float32)
-        return dw_DV, dh_BCD.astype(h_BCD.dtype)
+        B, C = t_BC.shape
+        h_ND = _flat(h_BCD)
+        z_NV = _logits(h_ND, w_DV, inv_temp)
+        dz_NV = _dlogits(z_NV, _flat(t_BC), _flat(lse_BC), None if ent_BC is None else _flat(ent_BC), _flat(glp_BC),
+                         _flat(gl_BC), None if ge_BC is None else _flat(ge_BC), inv_temp)
+        dh_ND = jnp.dot(dz_NV.astype(w_DV.dtype), w_DV.T, preferred_element_type=jnp.float32)
+        dw_DV = dw_DV + jnp.dot(h_ND.T, dz_NV.astype(h_ND.dtype), preferred_element_type=jnp.float32)
+        return dw_DV, dh_ND.reshape(B, C, -1).astype(h_BCD.dtype)
 
-    chunks = [_to_chunks(x, n_chunks) for x in (h_BTD, t_BT, lse_BT, ent_BT, g_logp, g_lse, g_ent)]
-    dw_DV, dh = jax.lax.scan(body, jnp.zeros(w_DV.shape, jnp.float32), chunks)
+    chunks = [None if x is None else _to_chunks(x, n_chunks)
+              for x in (h_BTD, t_BT, lse_BT, ent_BT, g_logp, g_lse, g_ent)]
+    dw_DV, dh = _scan(body, jnp.zeros(w_DV.shape, jnp.float32), chunks, n_chunks)
     return _from_chunks(dh), dw_DV.astype(w_DV.dtype), None
 
 
@@ -107,6 +174,20 @@ def _num_chunks(B: int, T: int, V: int, budget_bytes: int) -> int:
         if T % n == 0 and B * (T // n) <= max_tokens_per_chunk:
             return n
     return T
+
+
+def _num_vocab_chunks(N: int, V: int, budget_bytes: int) -> int:
+    """Vocabulary chunks of the backward pass: the smallest divisor n of V whose [N x V / n] float32 temporaries fit
+    the budget, or 0 (use token chunks) when such blocks would be narrower than `_MIN_VOCAB_BLOCK` columns, or when
+    the vocabulary is split over a `tensor` mesh axis (slicing a sharded axis would gather it)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if not mesh.empty and mesh.shape.get("tensor", 1) > 1:
+        return 0
+    max_cols = budget_bytes // (N * 4 * _F32_TEMPS_PER_LOGIT)
+    for n in range(1, V + 1):
+        if V % n == 0 and V // n <= max_cols:
+            return n if V // n >= min(V, _MIN_VOCAB_BLOCK) else 0
+    return 0
 
 
 def token_logprobs(
@@ -126,8 +207,8 @@ def token_logprobs(
     float32 whatever the input dtype.
 
     impl: "auto" (the best for the backend; "chunked" on every backend until the Pallas kernels land), "chunked"
-    (custom_vjp over token chunks; `chunk_budget_bytes` bounds the float32 [chunk x vocab] temporaries), "naive"
-    (full logits: reference only).
+    (custom_vjp over token / vocabulary chunks; `chunk_budget_bytes` bounds the float32 [chunk x vocab]
+    temporaries), "naive" (full logits: reference only).
     """
     if impl not in IMPLS:
         raise ValueError(f"token_logprobs: impl must be one of {IMPLS}, got {impl!r}")
@@ -142,11 +223,14 @@ def token_logprobs(
     t_BT = (targets[None] if flat else targets).astype(jnp.int32)
     temperature = float(temperature)
     if impl == "naive":
-        logp, lse, ent = _naive(h_BTD, unembed, t_BT, temperature)
+        logp, lse, ent = _naive(h_BTD, unembed, t_BT, temperature, return_entropy)
     else:
         B, T = t_BT.shape
-        n_chunks = _num_chunks(B, T, unembed.shape[1], chunk_budget_bytes)
-        logp, lse, ent = _chunked(h_BTD, unembed, t_BT, temperature, n_chunks)
+        V = unembed.shape[1]
+        n_chunks = _num_chunks(B, T, V, chunk_budget_bytes)
+        v_chunks = _num_vocab_chunks(B * T, V, chunk_budget_bytes)
+        logp, lse, ent = _chunked(h_BTD, unembed, t_BT, temperature, n_chunks, bool(return_entropy), v_chunks)
     if flat:
-        logp, lse, ent = logp[0], lse[0], ent[0]
+        logp, lse = logp[0], lse[0]
+        ent = None if ent is None else ent[0]
     return TokenLogprobs(logp, lse, ent if return_entropy else None)
