@@ -115,7 +115,3 @@ def tree_shardings(abstract_tree, logical_tree, mesh, rules=PARAM_RULES):
 def replicated(mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
 
-
-def batch_sharding(mesh) -> NamedSharding:
-    """Rows over every data-parallel axis, the rest replicated."""
-    return NamedSharding(mesh, logical_to_spec(("batch", None), ACTIVATION_RULES, mesh))

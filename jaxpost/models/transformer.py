@@ -69,11 +69,6 @@ def rotate(x_BTNh, cos, sin):
     return out.astype(x_BTNh.dtype)
 
 
-def apply_rope(x_BTNh, positions_BT, inv_freq):
-    """Rotate-half RoPE at `positions_BT` (tables computed on the fly; the model shares them across layers)."""
-    return rotate(x_BTNh, *rope_tables(positions_BT, inv_freq))
-
-
 @jax.custom_vjp
 def swiglu(g, u):
     """silu(g) * u. Its VJP keeps only g and u for the backward pass: autodiff through silu would also store
