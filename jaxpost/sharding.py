@@ -34,6 +34,7 @@ PARAM_RULES: dict[str, str | tuple[str, ...] | None] = {
 # How activations are laid out during compute: the batch over every data-parallel axis, features replicated except
 # the model-parallel ones.
 ACTIVATION_RULES: dict[str, str | tuple[str, ...] | None] = {
+    "layers": None,
     "batch": ("data", "fsdp"),
     "seq": None,
     "embed": None,

@@ -14,7 +14,7 @@ from flax import nnx
 
 from jaxpost.config import ModelConfig
 from jaxpost.sharding import param_logical_axes, tree_shardings
-from jaxpost.models.transformer import Transformer
+from jaxpost.models.transformer import KVCache, Transformer
 
 
 class LM:
@@ -53,6 +53,15 @@ class LM:
         """Float32 [B, T, V] logits: for inspection, tests and small-vocabulary decoding only."""
         h = self.hidden(params, tokens_BT, positions_BT, segment_ids_BT)
         return jnp.einsum("btd,dv->btv", h, self.unembedding(params), preferred_element_type=jnp.float32)
+
+    def init_cache(self, batch: int, length: int) -> KVCache:
+        """An empty (zero) KV cache of `length` slots for `batch` rows, laid out by `CACHE_AXES` under the mesh."""
+        return KVCache.zeros(self.cfg, batch, length)
+
+    def extend(self, params, tokens_BC, positions_BC, cache: KVCache, *, slot, kv_start_B, attend_len=None):
+        """(hidden [B, C, D], updated cache): C new tokens per row against the cache; see `Transformer.extend`."""
+        return self.module(params).extend(tokens_BC, positions_BC, cache, slot=slot, kv_start_B=kv_start_B,
+                                          attend_len=attend_len)
 
     @functools.cached_property
     def n_params(self) -> int:

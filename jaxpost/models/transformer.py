@@ -18,6 +18,8 @@ activations cost time as well as memory).
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -104,6 +106,32 @@ def attention_mask(segment_ids_BT: Int[Array, "B T"]) -> jax.Array:
     return (causal_TT[None] & same_BTT)[:, None, None]
 
 
+class KVCache(NamedTuple):
+    """Keys and values of every layer, head-major: [layers, B, kv_heads, S, head_dim] each, in the compute dtype.
+
+    Logical axes `CACHE_AXES`: the batch is split over (data, fsdp) and the kv heads over tensor, like the
+    activations of the forward pass that fills it."""
+
+    k: Float[Array, "L B K S hd"]
+    v: Float[Array, "L B K S hd"]
+
+    @classmethod
+    def zeros(cls, cfg: ModelConfig, batch: int, length: int) -> KVCache:
+        shape = (cfg.n_layers, batch, cfg.n_kv_heads, length, cfg.head_dim)
+        z = jnp.zeros(shape, jnp.dtype(cfg.dtype))
+        return cls(k=z, v=z).sharded()
+
+    def sharded(self) -> KVCache:
+        return KVCache(k=shard(self.k, CACHE_AXES), v=shard(self.v, CACHE_AXES))
+
+    @property
+    def length(self) -> int:
+        return self.k.shape[3]
+
+
+CACHE_AXES = ("layers", "batch", "kv_heads", "seq", "head_dim")
+
+
 class Attention(nnx.Module):
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
         D, H, K, hd, pd = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.param_dtype
@@ -122,8 +150,8 @@ class Attention(nnx.Module):
             self.q_norm = RMSNorm(hd, eps=cfg.rms_eps, axis_name="head_dim", param_dtype=pd)
             self.k_norm = RMSNorm(hd, eps=cfg.rms_eps, axis_name="head_dim", param_dtype=pd)
 
-    def __call__(self, x_BTD, rope, mask):
-        """rope: (cos, sin) from `rope_tables`; mask: [B, 1, 1, T, T] boolean from `attention_mask`."""
+    def _project(self, x_BTD, rope):
+        """Queries [B, T, H, hd] and keys, values [B, T, K, hd], RoPE applied, in the compute dtype."""
         cfg = self.cfg
         dt = jnp.dtype(cfg.dtype)
         q_BTHh = dense(x_BTD, self.q[...], dt)
@@ -138,22 +166,40 @@ class Attention(nnx.Module):
         q_BTHh = shard(rotate(q_BTHh, *rope), ("batch", "seq", "heads", "head_dim"))
         k_BTKh = shard(rotate(k_BTKh, *rope), ("batch", "seq", "kv_heads", "head_dim"))
         v_BTKh = shard(v_BTKh, ("batch", "seq", "kv_heads", "head_dim"))
+        return q_BTHh, k_BTKh, v_BTKh
 
+    def _attend(self, q_BTHh, k_BKSh, v_BKSh, mask):
+        """Attention of T queries over S head-major keys/values; mask [B, 1, 1, T, S] boolean. Output [B, T, D]."""
+        dt = jnp.dtype(self.cfg.dtype)
         # Head-major layout: the G = H / K query heads that share a kv head are stacked along the query axis
         # (M = G * T rows), so scores and outputs are plain batched matmuls over (B, K).
         B, T, H, hd = q_BTHh.shape
-        K = cfg.n_kv_heads
+        K, S = k_BKSh.shape[1], k_BKSh.shape[2]
         G = H // K
         q_BKMh = q_BTHh.reshape(B, T, K, G, hd).transpose(0, 2, 3, 1, 4).reshape(B, K, G * T, hd)
-        k_BKSh = k_BTKh.transpose(0, 2, 1, 3)
-        v_BKSh = v_BTKh.transpose(0, 2, 1, 3)
         scores_BKMS = jnp.einsum("bkmh,bksh->bkms", q_BKMh, k_BKSh,
                                  preferred_element_type=jnp.float32) * (hd ** -0.5)
-        scores_BKGTS = jnp.where(mask, scores_BKMS.reshape(B, K, G, T, T), _MASK_VALUE)
-        probs_BKMS = jax.nn.softmax(scores_BKGTS, axis=-1).astype(dt).reshape(B, K, G * T, T)
+        scores_BKGTS = jnp.where(mask, scores_BKMS.reshape(B, K, G, T, S), _MASK_VALUE)
+        probs_BKMS = jax.nn.softmax(scores_BKGTS, axis=-1).astype(dt).reshape(B, K, G * T, S)
         out_BKMh = jnp.einsum("bkms,bksh->bkmh", probs_BKMS, v_BKSh)
         out_BTHh = out_BKMh.reshape(B, K, G, T, hd).transpose(0, 3, 1, 2, 4).reshape(B, T, H, hd)
         return dense(out_BTHh.reshape(B, T, H * hd), self.o[...].reshape(H * hd, -1), dt)
+
+    def __call__(self, x_BTD, rope, mask):
+        """rope: (cos, sin) from `rope_tables`; mask: [B, 1, 1, T, T] boolean from `attention_mask`."""
+        q_BTHh, k_BTKh, v_BTKh = self._project(x_BTD, rope)
+        return self._attend(q_BTHh, k_BTKh.transpose(0, 2, 1, 3), v_BTKh.transpose(0, 2, 1, 3), mask)
+
+    def extend(self, x_BCD, rope, k_BKSh, v_BKSh, slot, mask):
+        """C new tokens against one layer's cache: their keys/values are written at cache slots [slot, slot + C)
+        and the queries attend over all S slots under `mask` [B, 1, 1, C, S]. Returns (out [B, C, D], the new keys
+        and values [B, K, C, hd] for the caller to store)."""
+        q_BCHh, k_BCKh, v_BCKh = self._project(x_BCD, rope)
+        k_BKCh = k_BCKh.transpose(0, 2, 1, 3).astype(k_BKSh.dtype)
+        v_BKCh = v_BCKh.transpose(0, 2, 1, 3).astype(v_BKSh.dtype)
+        k_BKSh = jax.lax.dynamic_update_slice_in_dim(k_BKSh, k_BKCh, slot, axis=2)
+        v_BKSh = jax.lax.dynamic_update_slice_in_dim(v_BKSh, v_BKCh, slot, axis=2)
+        return self._attend(q_BCHh, k_BKSh, v_BKSh, mask), k_BKCh, v_BKCh
 
 
 class MLP(nnx.Module):
@@ -184,6 +230,12 @@ class Block(nnx.Module):
         x_BTD = x_BTD + self.attn(self.attn_norm(x_BTD), rope, mask)
         x_BTD = x_BTD + self.mlp(self.mlp_norm(x_BTD))
         return shard(x_BTD, ("batch", "seq", "embed"))
+
+    def extend(self, x_BCD, rope, k_BKSh, v_BKSh, slot, mask):
+        a_BCD, k_BKCh, v_BKCh = self.attn.extend(self.attn_norm(x_BCD), rope, k_BKSh, v_BKSh, slot, mask)
+        x_BCD = x_BCD + a_BCD
+        x_BCD = x_BCD + self.mlp(self.mlp_norm(x_BCD))
+        return shard(x_BCD, ("batch", "seq", "embed")), k_BKCh, v_BKCh
 
 
 class Transformer(nnx.Module):
@@ -227,6 +279,39 @@ class Transformer(nnx.Module):
             layer = nnx.remat(layer, policy=jax.checkpoint_policies.nothing_saveable)
         x_BTD = nnx.scan(layer, in_axes=(nnx.Carry, 0), out_axes=nnx.Carry)(x_BTD, self.blocks)
         return self.final_norm(x_BTD)
+
+    def extend(self, tokens_BC: Int[Array, "B C"], positions_BC: Int[Array, "B C"], cache: KVCache, *, slot,
+               kv_start_B: Int[Array, "B"], attend_len: int | None = None) -> tuple[Float[Array, "B C D"], KVCache]:
+        """The forward pass of C new tokens per row against a KV cache (prefill chunks and decode steps).
+
+        The tokens occupy cache slots [slot, slot + C) (`slot` may be traced; all rows share it: prompts are
+        left-padded); their keys/values are written there. A query at slot q attends to the slots s with
+        kv_start_B[b] <= s <= q (row b's real tokens begin at slot kv_start_B[b]), among the first `attend_len`
+        slots (static; default all; a prefill chunk need not look past itself). `positions_BC` are the RoPE
+        positions, which must equal those of the training forward (0 at a row's first real token). Returns the final
+        hidden states [B, C, D] and the updated cache.
+        """
+        cfg = self.cfg
+        C = tokens_BC.shape[1]
+        S = cache.k.shape[3] if attend_len is None else attend_len
+        q_slot_C = slot + jnp.arange(C, dtype=jnp.int32)
+        s_S = jnp.arange(S, dtype=jnp.int32)
+        mask_BCS = (s_S[None, None, :] >= kv_start_B[:, None, None]) & (s_S[None, None, :] <= q_slot_C[None, :, None])
+        mask = mask_BCS[:, None, None]
+        rope = rope_tables(positions_BC, rope_frequencies(cfg.head_dim, cfg.rope_theta))
+
+        table_VD = shard(self.embed[...], ("vocab", "embed"))
+        x_BCD = shard(jnp.take(table_VD, tokens_BC, axis=0).astype(cfg.dtype), ("batch", "seq", "embed"))
+
+        def layer(x_BCD, block, k_BKSh, v_BKSh):
+            x_BCD, k_BKCh, v_BKCh = block.extend(x_BCD, rope, k_BKSh[:, :, :S], v_BKSh[:, :, :S], slot, mask)
+            return x_BCD, (k_BKCh, v_BKCh)
+
+        x_BCD, (k_LBKCh, v_LBKCh) = nnx.scan(layer, in_axes=(nnx.Carry, 0, 0, 0), out_axes=(nnx.Carry, 0))(
+            x_BCD, self.blocks, cache.k, cache.v)
+        cache = KVCache(k=jax.lax.dynamic_update_slice_in_dim(cache.k, k_LBKCh, slot, axis=3),
+                        v=jax.lax.dynamic_update_slice_in_dim(cache.v, v_LBKCh, slot, axis=3))
+        return self.final_norm(x_BCD), cache.sharded()
 
     def unembedding(self) -> Float[Array, "D V"]:
         """The output projection [D, V] in compute dtype (the transposed embedding when tied)."""
