@@ -1,14 +1,17 @@
 """Per-token log-probabilities (and entropy) of targets under softmax(h @ W / temperature).
 
-`token_logprobs` is the one entry every loss uses. The "chunked" implementation never materialises the full
-[tokens x vocab] logits: a `jax.custom_vjp` scans over token chunks in the forward pass, keeps only the per-token
-log-sum-exp (and entropy), and recomputes logits in the backward pass. The backward pass scans over vocabulary
-chunks when a column block fits the budget (the gradient of W is then written once per block and only the small
-[tokens x D] gradient of h is accumulated), else over token chunks (the [D x V] gradient of W is accumulated).
-"naive" builds the full logits and exists as the reference for tests and benchmarks.
-
-Every matmul is 2-D ([tokens, D] @ [D, V]): XLA:CPU turns 3-D contractions over (batch, tokens) into transposes of
-the [tokens x V] operand. The entropy is computed only when it is asked for.
+`token_logprobs` is the one entry every loss uses; no training path builds the full [tokens x vocab] logits.
+It dispatches to
+- the Pallas kernels ("pallas_tpu", "pallas_gpu"; kernels/fused_logprobs, wrapped in jaxpost/ops/fused.py): logit
+  tiles live only in on-chip memory, with an online softmax over vocabulary blocks;
+- "chunked", pure XLA: a `jax.custom_vjp` scans over token chunks in the forward pass, keeps only the per-token
+  log-sum-exp (and entropy), and recomputes logits in the backward pass. The backward pass scans over vocabulary
+  chunks when a column block fits the budget (the gradient of W is then written once per block and only the small
+  [tokens x D] gradient of h is accumulated), else over token chunks (the [D x V] gradient of W is accumulated).
+  Every matmul is 2-D ([tokens, D] @ [D, V]): XLA:CPU turns 3-D contractions over (batch, tokens) into transposes
+  of the [tokens x V] operand. Under a mesh, XLA's partitioner splits it like any other matmul;
+- "naive": the full logits, the reference for tests and benchmarks.
+The entropy is computed only when it is asked for.
 """
 
 from __future__ import annotations
@@ -20,7 +23,9 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, Int
 
-IMPLS = ("auto", "chunked", "naive")
+from jaxpost.ops import fused
+
+IMPLS = ("auto", "pallas_tpu", "pallas_gpu", "chunked", "naive")
 DEFAULT_CHUNK_BUDGET_BYTES = 64 * 2**20
 _F32_TEMPS_PER_LOGIT = 4  # [chunk x vocab] float32 arrays alive at once in the backward pass
 _MIN_VOCAB_BLOCK = 256  # narrower column blocks make poor matmuls: use token chunks in the backward pass instead
@@ -190,6 +195,12 @@ def _num_vocab_chunks(N: int, V: int, budget_bytes: int) -> int:
     return 0
 
 
+def default_impl(backend: str | None = None) -> str:
+    """What impl="auto" picks: the Pallas kernel on TPU and NVIDIA GPU, the chunked XLA path elsewhere."""
+    backend = backend or jax.default_backend()
+    return {"tpu": "pallas_tpu", "gpu": "pallas_gpu", "cuda": "pallas_gpu"}.get(backend, "chunked")
+
+
 def token_logprobs(
     hidden: Float[Array, "*N D"],
     unembed: Float[Array, "D V"],
@@ -198,17 +209,25 @@ def token_logprobs(
     temperature: float = 1.0,
     return_entropy: bool = False,
     impl: str = "auto",
-    chunk_budget_bytes: int = DEFAULT_CHUNK_BUDGET_BYTES,
+    vocab_major: bool = False,
+    chunk_budget_bytes: int | None = None,
 ) -> TokenLogprobs:
     """log softmax(hidden @ unembed / temperature)[targets], the log-sum-exp and optionally the entropy.
 
-    hidden [N, D] or [B, T, D]; unembed [D, V]; targets int [N] or [B, T]. Outputs are float32, shaped like
-    `targets`; all are differentiable with respect to hidden and unembed (targets get no gradient). Reductions run in
-    float32 whatever the input dtype.
+    hidden [N, D] or [B, T, D]; unembed [D, V] (or [V, D] with `vocab_major=True`: the tied embedding table as it is
+    stored, no transposed copy); targets int [N] or [B, T], each in [0, V). Outputs are float32, shaped like
+    `targets`; all three are differentiable with respect to hidden and unembed through a custom VJP that recomputes
+    logit tiles (targets get no gradient). Reductions run in float32 whatever the input dtype.
 
-    impl: "auto" (the best for the backend; "chunked" on every backend until the Pallas kernels land), "chunked"
-    (custom_vjp over token / vocabulary chunks; `chunk_budget_bytes` bounds the float32 [chunk x vocab]
-    temporaries), "naive" (full logits: reference only).
+    impl:
+      "auto"        `default_impl()`: "pallas_tpu" on TPU, "pallas_gpu" on GPU, "chunked" elsewhere;
+      "pallas_tpu"  the Mosaic TPU kernels of kernels/fused_logprobs/tpu.py (interpret mode on CPU);
+      "pallas_gpu"  the Pallas GPU kernels of kernels/fused_logprobs/gpu.py (interpret mode on CPU);
+      "chunked"     pure XLA: custom VJP over token / vocabulary chunks whose float32 [chunk x vocab] temporaries
+                    stay within `chunk_budget_bytes` (default 64 MiB);
+      "naive"       full [N, V] logits: the reference, for tests and benchmarks only.
+    The Pallas impls shard over the mesh set with `jax.set_mesh`: tokens over (data, fsdp), the vocabulary over
+    `tensor` (see jaxpost/ops/fused.py). `chunk_budget_bytes` also bounds the GPU backward's dz tile (default 512 MiB).
     """
     if impl not in IMPLS:
         raise ValueError(f"token_logprobs: impl must be one of {IMPLS}, got {impl!r}")
@@ -216,20 +235,38 @@ def token_logprobs(
         raise ValueError(f"token_logprobs: temperature must be > 0, got {temperature}")
     if hidden.shape[:-1] != targets.shape:
         raise ValueError(f"token_logprobs: hidden {hidden.shape} and targets {targets.shape} disagree")
-    if hidden.shape[-1] != unembed.shape[0]:
-        raise ValueError(f"token_logprobs: hidden {hidden.shape} does not match unembed {unembed.shape}")
+    d_axis = 1 if vocab_major else 0
+    if unembed.ndim != 2 or hidden.shape[-1] != unembed.shape[d_axis]:
+        layout = "[V, D] (vocab_major)" if vocab_major else "[D, V]"
+        raise ValueError(f"token_logprobs: hidden {hidden.shape} does not match unembed {unembed.shape}, "
+                         f"expected {layout}")
+    if impl == "auto":
+        impl = default_impl()
+    temperature = float(temperature)
+    if impl in fused.KERNELS:
+        D = hidden.shape[-1]
+        h_ND, t_N = hidden.reshape(-1, D), targets.reshape(-1).astype(jnp.int32)
+        V = unembed.shape[0 if vocab_major else 1]
+        spec = fused.make_spec(impl, N=h_ND.shape[0], V=V, temperature=temperature, entropy=bool(return_entropy),
+                               vocab_major=vocab_major, chunk_budget_bytes=chunk_budget_bytes)
+        logp, lse, ent = fused.fused_logprobs(h_ND, unembed, t_N, spec)
+        shape = targets.shape
+        return TokenLogprobs(logp.reshape(shape), lse.reshape(shape),
+                             None if ent is None else ent.reshape(shape))
+
+    w_DV = unembed.T if vocab_major else unembed
     flat = hidden.ndim == 2
     h_BTD = hidden[None] if flat else hidden
     t_BT = (targets[None] if flat else targets).astype(jnp.int32)
-    temperature = float(temperature)
     if impl == "naive":
-        logp, lse, ent = _naive(h_BTD, unembed, t_BT, temperature, return_entropy)
+        logp, lse, ent = _naive(h_BTD, w_DV, t_BT, temperature, return_entropy)
     else:
+        budget = DEFAULT_CHUNK_BUDGET_BYTES if chunk_budget_bytes is None else chunk_budget_bytes
         B, T = t_BT.shape
-        V = unembed.shape[1]
-        n_chunks = _num_chunks(B, T, V, chunk_budget_bytes)
-        v_chunks = _num_vocab_chunks(B * T, V, chunk_budget_bytes)
-        logp, lse, ent = _chunked(h_BTD, unembed, t_BT, temperature, n_chunks, bool(return_entropy), v_chunks)
+        V = w_DV.shape[1]
+        n_chunks = _num_chunks(B, T, V, budget)
+        v_chunks = _num_vocab_chunks(B * T, V, budget)
+        logp, lse, ent = _chunked(h_BTD, w_DV, t_BT, temperature, n_chunks, bool(return_entropy), v_chunks)
     if flat:
         logp, lse = logp[0], lse[0]
         ent = None if ent is None else ent[0]
