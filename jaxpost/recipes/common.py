@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import os
 import sys
@@ -11,7 +12,7 @@ import jax
 import numpy as np
 
 from jaxpost.data import build_prompt_batches
-from jaxpost.rollout import greedy_generate
+from jaxpost.rollout import Sampler, SamplingConfig
 from jaxpost.tokenizer import Tokenizer, train_tokenizer
 
 log = logging.getLogger("jaxpost")
@@ -76,29 +77,38 @@ def device_put_batch(batch: dict, shardings: dict) -> dict:
     return {k: jax.make_array_from_process_local_data(shardings[k], np.asarray(batch[k])) for k in shardings}
 
 
+@functools.lru_cache(maxsize=8)
+def eval_sampler(lm, mesh, pad_id: int, max_prompt_len: int) -> Sampler:
+    """One sampler per (model, mesh, pad id, prompt length), so that repeated evaluations reuse its compiled
+    program (one prompt bucket: the power of two >= max_prompt_len)."""
+    return Sampler(lm, mesh, pad_id=pad_id, min_prompt_bucket=max_prompt_len)
+
+
 def task_accuracy(lm, params, tokenizer, task, examples, cfg: EvalConfig, mesh, *, n_samples: int = 5) -> dict:
-    """Fraction of `examples` whose greedy completion the task's checker accepts, and the first `n_samples`
-    (prompt, completion, answer) triples."""
+    """Fraction of `examples` whose greedy completion (the KV-cache sampler at temperature 0, stopping at the
+    tokenizer's stop ids) the task's checker accepts, and the first `n_samples` (prompt, completion, answer)
+    triples."""
     if not examples:
         return {"accuracy": None, "n": 0}
+    sampler = eval_sampler(lm, mesh, tokenizer.pad_id, cfg.max_prompt_len)
+    sampling = SamplingConfig(max_new_tokens=cfg.max_new_tokens, temperature=0.0,
+                              stop_ids=tuple(tokenizer.stop_ids))
     correct, total = 0, 0
     samples = []
-    with jax.set_mesh(mesh):
-        for batch in build_prompt_batches(examples, tokenizer, batch_size=cfg.batch_size,
-                                          max_prompt_len=cfg.max_prompt_len):
-            tokens, n_new = greedy_generate(lm, params, batch["tokens"], batch["lengths"],
-                                            max_new_tokens=cfg.max_new_tokens, stop_ids=tuple(tokenizer.stop_ids),
-                                            pad_id=tokenizer.pad_id)
-            tokens, n_new = np.asarray(tokens), np.asarray(n_new)
-            for row in np.nonzero(batch["valid"])[0]:
-                # ids past the tokenizer's pieces (the model's vocabulary may be padded) decode as unknown.
-                ids = [t if t < tokenizer.vocab_size else tokenizer.unk_id
-                       for t in tokens[row, :n_new[row]].tolist() if t not in tokenizer.stop_ids]
-                completion = tokenizer.decode(ids)
-                ok = task.check(completion, batch["answers"][row])
-                correct += int(ok)
-                total += 1
-                if len(samples) < n_samples:
-                    samples.append({"prompt": examples[batch["indices"][row]].get("prompt"),
-                                    "completion": completion, "answer": batch["answers"][row], "correct": ok})
+    for batch in build_prompt_batches(examples, tokenizer, batch_size=cfg.batch_size,
+                                      max_prompt_len=cfg.max_prompt_len):
+        # Every row, filler rows of the last batch included: all batches fall in one bucket (one compile).
+        prompts = [tokens[:n] for tokens, n in zip(batch["tokens"], batch["lengths"])]
+        rollout = sampler.generate(params, prompts, sampling)
+        for row in np.nonzero(batch["valid"])[0]:
+            # ids past the tokenizer's pieces (the model's vocabulary may be padded) decode as unknown.
+            ids = [t if t < tokenizer.vocab_size else tokenizer.unk_id
+                   for t in rollout.tokens[row, :rollout.lengths[row]].tolist() if t not in tokenizer.stop_ids]
+            completion = tokenizer.decode(ids)
+            ok = task.check(completion, batch["answers"][row])
+            correct += int(ok)
+            total += 1
+            if len(samples) < n_samples:
+                samples.append({"prompt": examples[batch["indices"][row]].get("prompt"),
+                                "completion": completion, "answer": batch["answers"][row], "correct": ok})
     return {"accuracy": correct / total, "n": total, "samples": samples}
