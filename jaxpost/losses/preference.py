@@ -333,7 +333,8 @@ def dpo_aot(chosen_logps_B: Float[Array, "B"], rejected_logps_B: Float[Array, "B
     first-order stochastic dominance of the policy's log-ratio distribution over the reference's, via sorted
     quantiles. BATCH-LEVEL: entry i of ``loss_B`` is the i-th quantile, not example i, and the loss changes with
     how the batch is split (TRL sorts per device and notes that larger per-device batches help). For a global
-    sort, all-gather the four log-prob arrays before calling. Its mean is invariant to permuting the batch. The
+    sort, all-gather the four log-prob arrays before calling. Its mean is invariant to permuting the batch. Padding
+    pairs take part in the sort, so a 0/1 mask on ``loss_B`` does not remove them: give AOT unpadded batches. The
     metrics and the SFT term stay per example.
     """
     c_B, r_B, s_c_B, s_r_B = _logratios(chosen_logps_B, rejected_logps_B, ref_chosen_logps_B, ref_rejected_logps_B)
