@@ -8,6 +8,11 @@ depth). Every parameter carries logical axis names in its `axes` metadata; `jaxp
 The model returns final hidden states; applying the unembedding is the loss's job (`jaxpost.ops.token_logprobs`), so
 no training path materialises [tokens x vocab] logits.
 
+Generation uses `Transformer.extend`: the same layers (the same projection and attention code as `__call__`) run on
+C new tokens per row against a `KVCache` ([layers, B, kv_heads, S, head_dim], batch over data/fsdp, kv heads over
+tensor), writing their keys/values at a cache slot shared by all rows (prompts are left-padded; see
+`jaxpost.rollout.sampler`). The training forward is unchanged by it.
+
 Performance notes (XLA:CPU, measured with tools/bench_train.py; see docs/benchmarks.md): every projection runs as a
 2-D [tokens, in] @ [in, out] matmul (a 3-D einsum makes XLA transpose the [tokens, out] cotangent for the weight
 gradient), attention runs head-major ([B, kv_heads, group * T, head_dim]) so both attention matmuls are plain batched
@@ -118,8 +123,7 @@ class KVCache(NamedTuple):
     @classmethod
     def zeros(cls, cfg: ModelConfig, batch: int, length: int) -> KVCache:
         shape = (cfg.n_layers, batch, cfg.n_kv_heads, length, cfg.head_dim)
-        z = jnp.zeros(shape, jnp.dtype(cfg.dtype))
-        return cls(k=z, v=z).sharded()
+        return cls(k=jnp.zeros(shape, jnp.dtype(cfg.dtype)), v=jnp.zeros(shape, jnp.dtype(cfg.dtype))).sharded()
 
     def sharded(self) -> KVCache:
         return KVCache(k=shard(self.k, CACHE_AXES), v=shard(self.v, CACHE_AXES))
