@@ -1,0 +1,180 @@
+"""The reward-model recipe: SFT start -> decoder + scalar head -> pairwise (Bradley-Terry) training on preference
+pairs -> held-out pairwise accuracy.
+
+Training pairs come from the task's train split ("near_miss": the correct answer over a plausible wrong one, or
+"samples": the SFT model's own answers labelled by the checker, as in `recipes.dpo`); the held-out pairs are near
+misses on the test split, so pairwise accuracy (1[r_chosen > r_rejected]) measures whether the model learned to
+tell right from wrong on problems it never saw. The head starts at zero (every reward 0: accuracy 0 by the strict
+comparison, chance 0.5).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxpost.cli import to_json_dict, write_config
+from jaxpost.config import DataConfig, MeshConfig, OptimConfig, TrainConfig
+from jaxpost.data import make_task
+from jaxpost.data.preference import arithmetic_preference_records, build_preference_iterator
+from jaxpost.models.heads import ScalarHeadLM
+from jaxpost.recipes import sft as sft_recipe
+from jaxpost.recipes.common import EvalConfig, device_put_batch, setup_logging
+from jaxpost.recipes.dpo import PAIR_SOURCES, build_pairs, load_params, sft_start
+from jaxpost.sharding import make_mesh
+from jaxpost.tokenizer import Tokenizer
+from jaxpost.train.checkpoint import Checkpointer
+from jaxpost.train.dpo import split_preference_microbatches
+from jaxpost.train.loop import MetricsLog, train_loop
+from jaxpost.train.optim import make_optimizer
+from jaxpost.train.plots import plot_metrics
+from jaxpost.train.rm import make_pairwise_eval, make_reward_step
+from jaxpost.train.state import TrainState, abstract_train_state, state_shardings, with_shardings
+
+log = logging.getLogger("jaxpost")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class RMConfig:
+    """A Bradley-Terry reward model from an SFT start on a built-in task's preference pairs."""
+
+    seed: int = 0
+    steps: int = 150
+    init_from: str = ""  # an SFT workdir; "" runs `sft` first into workdir/sft
+    sft: sft_recipe.SFTConfig = dataclasses.field(default_factory=sft_recipe.SFTConfig)
+    center_rewards_coefficient: float = 0.0  # TRL's RewardConfig option (0: off)
+    pairs: str = "near_miss"
+    n_prompts: int = 4096
+    samples_per_prompt: int = 8
+    sample_temperature: float = 1.0
+    sample_batch: int = 128
+    n_eval_pairs: int = 256
+    data: DataConfig = dataclasses.field(default_factory=lambda: DataConfig(seq_len=32, batch_size=32))
+    optim: OptimConfig = dataclasses.field(default_factory=lambda: OptimConfig(lr=5e-4, warmup_steps=10))
+    mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
+    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+    eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)  # sampling sizes for pairs="samples"
+
+    def __post_init__(self):
+        if self.steps <= 0:
+            raise ValueError(f"RMConfig.steps must be > 0, got {self.steps}")
+        if self.pairs not in PAIR_SOURCES:
+            raise ValueError(f"RMConfig.pairs must be one of {PAIR_SOURCES}, got {self.pairs!r}")
+
+
+def pairwise_accuracy(score, params, records, tokenizer, cfg: RMConfig) -> dict:
+    """Held-out pairwise accuracy and mean margin of `records` (every pair, the last batch padded)."""
+    it = build_preference_iterator(records, tokenizer, seq_len=cfg.data.seq_len, batch_size=cfg.data.batch_size,
+                                   overlong="truncate", shuffle=False, num_epochs=1)
+    correct, margins = [], []
+    for batch in it:
+        r = np.asarray(score(params, batch))
+        keep = batch["pair_mask"] > 0
+        m = (r[0::2] - r[1::2])[keep]
+        correct += list(m > 0)
+        margins += list(m)
+    it.close()
+    return {"pairwise_accuracy": float(np.mean(correct)), "mean_margin": float(np.mean(margins)), "n": len(correct)}
+
+
+def run(cfg: RMConfig, workdir: str, *, stop_at: int | None = None) -> dict | None:
+    t_start = time.perf_counter()
+    setup_logging()
+    os.makedirs(workdir, exist_ok=True)
+    write_config(cfg, workdir)
+    sft_cfg, sft_dir = sft_start(workdir, cfg.init_from, cfg.sft)
+    task = make_task(sft_cfg.task.name, **sft_cfg.task.kwargs())
+    tokenizer = Tokenizer.load(os.path.join(sft_dir, "tokenizer.model"))
+    tokenizer.save(os.path.join(workdir, "tokenizer.model"))
+
+    mesh = make_mesh(cfg.mesh)
+    model = ScalarHeadLM(sft_cfg.model)
+    lm_params = load_params(model.lm, mesh, sft_dir)
+    records = build_pairs(cfg, model.lm, lm_params, tokenizer, task, mesh, os.path.join(workdir, "pairs.jsonl"))
+    eval_records = arithmetic_preference_records(task, "test", cfg.n_eval_pairs, seed=cfg.seed + 1)
+
+    tx, schedule = make_optimizer(cfg.optim, cfg.steps, logical_axes=model.logical_axes)
+    abstract = abstract_train_state(model, tx)
+    shardings = state_shardings(abstract, model.param_shardings(mesh), tx, mesh)
+    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=cfg.train.keep_checkpoints,
+                        async_save=cfg.train.async_checkpoints)
+    batches = build_preference_iterator(records, tokenizer, seq_len=cfg.data.seq_len, batch_size=cfg.data.batch_size,
+                                        overlong=cfg.data.overlong, shuffle=cfg.data.shuffle, seed=cfg.seed)
+    latest = ckpt.latest_step()
+    if latest is None:
+        def make(lm_params, key):
+            params = model.with_lm_params(lm_params, key)
+            return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params), rng=key)
+        state = jax.jit(make, out_shardings=shardings)(lm_params, jax.random.PRNGKey(cfg.seed))
+        start_step, meta = 0, {}
+    else:
+        state, data_state, meta = ckpt.restore(latest, with_shardings(abstract, shardings))
+        batches.set_state(data_state)
+        start_step = int(jax.device_get(state.step))
+        log.info("resumed from %s at step %d", ckpt.directory, start_step)
+    del lm_params
+
+    rows = 2 * (cfg.data.batch_size // jax.process_count())
+    score = make_pairwise_eval(model, mesh, model.param_shardings(mesh), rows=rows)
+    meta["config"] = to_json_dict(cfg)
+    if "eval_before" not in meta:
+        meta["eval_before"] = pairwise_accuracy(score, state.params, eval_records, tokenizer, cfg)
+        log.info("held-out pairwise accuracy of the zero head: %s", meta["eval_before"])
+
+    loss_kwargs = ({"center_rewards_coefficient": cfg.center_rewards_coefficient}
+                   if cfg.center_rewards_coefficient else {})
+    step_fn = make_reward_step(model, tx, schedule, mesh, shardings, grad_accum=cfg.train.grad_accum,
+                               pairs=cfg.data.batch_size, loss_kwargs=loss_kwargs)
+
+    def to_device(batch):
+        return device_put_batch(split_preference_microbatches(batch, cfg.train.grad_accum), step_fn.batch_shardings)
+
+    def checkpoint(step, state):
+        ckpt.save(step, state, data_state=batches.get_state(), meta=meta)
+
+    def evaluate(step, st):
+        return {"eval_pairwise_accuracy": pairwise_accuracy(score, st.params, eval_records, tokenizer,
+                                                            cfg)["pairwise_accuracy"]}
+
+    t_train = time.perf_counter()
+    state = train_loop(
+        step_fn=step_fn, state=state, batches=batches, to_device=to_device, start_step=start_step, steps=cfg.steps,
+        metrics_log=MetricsLog(os.path.join(workdir, "metrics.jsonl"), resume_step=start_step),
+        checkpoint=checkpoint, checkpoint_every=cfg.train.checkpoint_every or cfg.steps, evaluate=evaluate,
+        eval_every=cfg.train.eval_every, log_every=cfg.train.log_every, host_metrics=lambda: batches.stats,
+        desc="rm", stop_at=stop_at)
+    train_time = time.perf_counter() - t_train
+    if stop_at is not None and stop_at < cfg.steps:
+        ckpt.wait()
+        if ckpt.latest_step() != stop_at:
+            ckpt.save(stop_at, state, data_state=batches.get_state(), meta=meta, force=True)
+        ckpt.close()
+        return None
+    ckpt.close()
+
+    after = pairwise_accuracy(score, state.params, eval_records, tokenizer, cfg)
+    results = {
+        "pairwise_accuracy_before": meta["eval_before"]["pairwise_accuracy"],
+        "pairwise_accuracy_after": after["pairwise_accuracy"],
+        "mean_margin_after": after["mean_margin"],
+        "eval_pairs": after["n"],
+        "train_pairs": len(records),
+        "steps": cfg.steps,
+        "resumed_from_step": start_step,
+        "train_time_s": train_time,
+        "wall_time_s": time.perf_counter() - t_start,
+        "sft_dir": sft_dir,
+    }
+    with open(os.path.join(workdir, "results.json"), "w") as f:
+        json.dump(results, f, indent=2)
+    plot_metrics(workdir, ("loss", "accuracies", "margins", "chosen_rewards", "rejected_rewards",
+                           "eval_pairwise_accuracy"), filename="rm.png", title="Bradley-Terry reward model")
+    log.info("results: %s", json.dumps(results))
+    return results
