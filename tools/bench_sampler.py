@@ -105,7 +105,7 @@ def main() -> None:
     ap.add_argument("--vocab-size", type=int, default=None)
     ap.add_argument("--batches", default="1,32")
     ap.add_argument("--prompt-len", type=int, default=128)
-    ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--new-tokens", type=int, default=64, help=">= 2")
     ap.add_argument("--recompute-new-tokens", type=int, default=16, help="0 skips the recompute baseline")
     ap.add_argument("--temperature", type=float, default=0.0, help="0: greedy (what the recompute baseline does)")
     ap.add_argument("--prefill-chunk", type=int, default=0)
@@ -156,6 +156,9 @@ def main() -> None:
         log(f"B={B}: decode {N} tokens")
         firstN, tN = timed(run(N), args.reps)
         step = (tN - t1) / (N - 1)
+        if step <= 0:
+            raise SystemExit(f"B={B}: generating {N} tokens took no longer than prefill alone ({tN:.4f} vs "
+                             f"{t1:.4f} s): raise --new-tokens or --reps")
         case = {
             "batch": B, "prompt_bucket": Pb,
             "prefill_s": round(t1, 4), "prefill_tokens_per_s": round(B * P0 / t1, 1),
