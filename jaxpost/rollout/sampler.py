@@ -103,7 +103,7 @@ class Rollout:
     finish     int32   [R]     index into FINISH_REASONS ("eos", "stop_sequence", "length")
     prompt_index int32 [R]     which prompt each row continues
     prompts    list of int32 arrays, the prompts as given
-    steps      tokens generated per row before the loop ended (< N when every row stopped early)
+    steps      token positions the decode loop generated (< N when every row stopped early)
     """
 
     tokens: np.ndarray
@@ -184,8 +184,9 @@ class Sampler:
     to the prompt bucket's cache under the causal mask; activations are [B, chunk] and attention temporaries
     [chunk x prompt bucket] instead of [prompt x prompt].
 
-    Params are used as given (the trainer's sharded params: no copy). Without a mesh the program runs on the
-    default device.
+    Params are used as given: the trainer's params, sharded on the same mesh (`LM.param_shardings`), are read in
+    place, never copied or gathered up front. Without a mesh the program runs on the params' device. Results come
+    back to the host (`Rollout`); with several processes every process gets all rows.
     """
 
     def __init__(self, lm, mesh=None, *, pad_id: int = 0, prefill_chunk: int = 0, min_prompt_bucket: int = 16):
