@@ -1,5 +1,7 @@
 """The KV-cache sampler: equals recomputation, log-probs equal the trainer's, stops, sharding, seeds, distribution."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -194,11 +196,11 @@ def test_empirical_distribution_matches_the_model(temperature, top_k, top_p):
 def test_sample_logits_greedy_top_k_top_p():
     z = jnp.array([[0.1, 2.0, -1.0, 1.5], [3.0, 0.0, 2.9, -5.0]], jnp.float32)
     keys = jax.random.split(jax.random.PRNGKey(0), 2)
-    tok, logp = sample_logits(z, keys, temperature=0.0)
+    tok, logp = jax.jit(functools.partial(sample_logits, temperature=0.0))(z, keys)
     np.testing.assert_array_equal(tok, [1, 0])
     np.testing.assert_allclose(logp, jax.nn.log_softmax(z)[jnp.arange(2), tok], atol=1e-6)
     for kw in (dict(top_k=1), dict(top_p=1e-3)):  # one token left: sampling is greedy
-        tok, logp = sample_logits(z, keys, temperature=0.5, **kw)
+        tok, logp = jax.jit(functools.partial(sample_logits, temperature=0.5, **kw))(z, keys)
         np.testing.assert_array_equal(tok, [1, 0])
         np.testing.assert_allclose(logp, jax.nn.log_softmax(z / 0.5)[jnp.arange(2), tok], atol=1e-6)
 

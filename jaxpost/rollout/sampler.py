@@ -179,10 +179,10 @@ class Sampler:
     data-parallel devices, so rows split evenly) and the longest prompt to a prompt bucket (the power of two >=
     max(longest prompt, `min_prompt_bucket`), rounded up to a multiple of `prefill_chunk`), and runs the program
     compiled for (batch bucket, prompt bucket, cfg): it is traced and compiled once and reused by every later call
-    that falls in the same bucket (`traces` counts the tracings). `prefill_chunk` > 0 prefills long prompts in chunks of that many
-    tokens: one compiled chunk in a `fori_loop` (compile time does not grow with the prompt), each chunk attending
-    to the prompt bucket's cache under the causal mask; activations are [B, chunk] and attention temporaries
-    [chunk x prompt bucket] instead of [prompt x prompt].
+    that falls in the same bucket (`traces` counts the tracings). `prefill_chunk` > 0 prefills long prompts in
+    chunks of that many tokens: one compiled chunk in a `fori_loop` (compile time does not grow with the prompt),
+    each chunk attending to the prompt bucket's cache under the causal mask; activations are [B, chunk] and attention
+    temporaries [chunk x prompt bucket] instead of [prompt x prompt].
 
     Params are used as given: the trainer's params, sharded on the same mesh (`LM.param_shardings`), are read in
     place, never copied or gathered up front. Without a mesh the program runs on the params' device. Results come
