@@ -142,3 +142,26 @@ def test_bad_arguments_are_named():
         token_logprobs(h, w, t, impl="cuda")
     with pytest.raises(ValueError, match="targets"):
         token_logprobs(h, w, t[:, :3])
+
+
+@pytest.mark.parametrize("impl", FAST_IMPLS)
+def test_tied_model_output_layer_is_read_vocab_major_with_the_same_values_and_gradients(impl):
+    """`LM.token_logprobs` hands the tied embedding table [V, D] to the core as stored; values and parameter
+    gradients (the table gets both its input and its output gradient) equal the full-logits computation."""
+    from tests.helpers import cached_lm, tiny_config
+    lm, params = cached_lm(tiny_config(tie_embeddings=True))
+    assert lm.output_layer(params)[1] is True
+    rng = np.random.default_rng(0)
+    tokens = jnp.asarray(rng.integers(0, 128, (2, 8)), jnp.int32)
+    targets = jnp.asarray(rng.integers(0, 128, (2, 8)), jnp.int32)
+
+    def via_lm(p):
+        return jnp.sum(lm.token_logprobs(p, lm.hidden(p, tokens), targets, impl=impl).logp)
+
+    def via_logits(p):
+        return jnp.sum(jnp.take_along_axis(jax.nn.log_softmax(lm.logits(p, tokens)), targets[..., None], -1))
+
+    (a, ga), (b, gb) = jax.jit(jax.value_and_grad(via_lm))(params), jax.jit(jax.value_and_grad(via_logits))(params)
+    np.testing.assert_allclose(float(a), float(b), rtol=1e-5)
+    for x, y in zip(jax.tree.leaves(ga), jax.tree.leaves(gb)):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=2e-5, rtol=1e-4)

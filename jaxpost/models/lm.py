@@ -13,6 +13,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxpost.config import ModelConfig
+from jaxpost.ops import token_logprobs
 from jaxpost.sharding import param_logical_axes, tree_shardings
 from jaxpost.models.transformer import KVCache, Transformer
 
@@ -48,6 +49,20 @@ class LM:
     def unembedding(self, params):
         """The output matrix [D, V] in the compute dtype."""
         return self.module(params).unembedding()
+
+    def output_layer(self, params):
+        """(w, vocab_major): the output matrix as stored, in the compute dtype: the tied embedding table [V, D]
+        (vocab_major=True, so the fused log-prob kernels read it without a transposed copy) or lm_head [D, V]."""
+        if self.cfg.tie_embeddings:
+            return params["embed"].astype(self.cfg.dtype), True
+        return params["lm_head"].astype(self.cfg.dtype), False
+
+    def token_logprobs(self, params, hidden, targets, *, temperature: float = 1.0, return_entropy: bool = False,
+                       impl: str = "auto"):
+        """`jaxpost.ops.token_logprobs` of this model's output layer: what every loss calls on final hidden states."""
+        w, vocab_major = self.output_layer(params)
+        return token_logprobs(hidden, w, targets, temperature=temperature, return_entropy=return_entropy,
+                              impl=impl, vocab_major=vocab_major)
 
     def logits(self, params, tokens_BT, positions_BT=None, segment_ids_BT=None):
         """Float32 [B, T, V] logits: for inspection, tests and small-vocabulary decoding only."""

@@ -44,7 +44,6 @@ from jax.sharding import NamedSharding
 from jaxtyping import Array, Float, Int
 
 from jaxpost.models.transformer import KVCache
-from jaxpost.ops import token_logprobs
 from jaxpost.sharding import ACTIVATION_RULES, logical_to_spec, shard
 
 FINISH_REASONS: tuple[str, ...] = ("eos", "stop_sequence", "length")
@@ -384,7 +383,7 @@ def score_logprobs(lm, params, batch: dict, *, temperature: float = 1.0, impl: s
     training forward (`lm.hidden`) and the training log-prob core (`jaxpost.ops.token_logprobs`), for reference and
     old-policy log-probs of given completions."""
     h_BTD = lm.hidden(params, batch["inputs"], batch["positions"], batch["segment_ids"])
-    return token_logprobs(h_BTD, lm.unembedding(params), batch["targets"], temperature=temperature, impl=impl).logp
+    return lm.token_logprobs(params, h_BTD, batch["targets"], temperature=temperature, impl=impl).logp
 
 
 def _to_host(x) -> np.ndarray:

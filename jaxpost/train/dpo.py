@@ -25,7 +25,6 @@ import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from jaxpost.losses import DPO_LOSSES, REFERENCE_FREE_LOSSES
-from jaxpost.ops import token_logprobs
 from jaxpost.sharding import replicated
 from jaxpost.train.state import TrainState
 
@@ -36,7 +35,7 @@ REFERENCES = ("model", "precomputed", "none")
 def sequence_logps(lm, params, mb: dict, *, logprobs_impl: str = "auto"):
     """(summed completion log-probs [R], completion token counts [R]) of rows [R, T]."""
     hidden_RTD = lm.hidden(params, mb["inputs"], mb["positions"], mb["segment_ids"])
-    logp_RT = token_logprobs(hidden_RTD, lm.unembedding(params), mb["targets"], impl=logprobs_impl).logp
+    logp_RT = lm.token_logprobs(params, hidden_RTD, mb["targets"], impl=logprobs_impl).logp
     mask_RT = mb["loss_mask"].astype(jnp.float32)
     return jnp.sum(logp_RT * mask_RT, axis=-1), jnp.sum(mask_RT, axis=-1)
 

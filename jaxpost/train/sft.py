@@ -10,7 +10,6 @@ import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from jaxpost.losses import sft_nll
-from jaxpost.ops import token_logprobs
 from jaxpost.sharding import replicated
 from jaxpost.train.state import TrainState
 
@@ -37,7 +36,7 @@ def microbatch_sharding(mesh, rows_per_micro: int) -> NamedSharding:
 def sft_loss_sums(lm, params, mb: dict, *, logprobs_impl: str = "auto"):
     """(summed token NLL, number of loss tokens) of one micro-batch."""
     hidden_BTD = lm.hidden(params, mb["inputs"], mb["positions"], mb["segment_ids"])
-    logp_BT = token_logprobs(hidden_BTD, lm.unembedding(params), mb["targets"], impl=logprobs_impl).logp
+    logp_BT = lm.token_logprobs(params, hidden_BTD, mb["targets"], impl=logprobs_impl).logp
     return sft_nll(logp_BT, mb["loss_mask"])
 
 
