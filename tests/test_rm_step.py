@@ -56,7 +56,7 @@ def test_loss_and_gradient_do_not_depend_on_the_micro_batch_split():
     tx, state = _sgd_state(params)
     step = jax.jit(reward_step_fn(model, tx, optax.constant_schedule(1.0),
                                   loss_kwargs={"center_rewards_coefficient": 0.01}))
-    results = [step(state, split_preference_microbatches(batch, a)) for a in (1, 2, 4)]
+    results = [step(state, split_preference_microbatches(batch, a)) for a in (1, 4)]
     for s, m in results[1:]:
         np.testing.assert_allclose(float(m["loss"]), float(results[0][1]["loss"]), rtol=1e-5)
         assert max_abs_diff(s.params, results[0][0].params) < 1e-5  # float32 sums in another order

@@ -68,6 +68,7 @@ class DPOConfig:
     pairs: str = "samples"
     n_prompts: int = 2048  # training prompts to build pairs from
     samples_per_prompt: int = 8
+    pairs_per_prompt: int = 1  # up to this many (correct, incorrect) pairs from one prompt's samples
     sample_temperature: float = 1.0
     sample_batch: int = 128  # prompts per sampler call
     data: DataConfig = dataclasses.field(default_factory=lambda: DataConfig(seq_len=32, batch_size=32))
@@ -147,7 +148,7 @@ def build_pairs(cfg: DPOConfig, lm, params, tokenizer, task, mesh, path: str) ->
             samples += [texts[j * G:(j + 1) * G] for j in range(len(chunk))]
         records, stats = preference_records_from_samples(
             [ex["prompt"] for ex in examples], samples, task.check, answers=[ex["answer"] for ex in examples],
-            seed=cfg.seed)
+            max_pairs_per_prompt=cfg.pairs_per_prompt, seed=cfg.seed)
         stats["sample_accuracy"] = float(np.mean([task.check(s, ex["answer"])
                                                   for ex, group in zip(examples, samples) for s in group]))
     if not records:

@@ -53,6 +53,7 @@ class RMConfig:
     pairs: str = "near_miss"
     n_prompts: int = 4096
     samples_per_prompt: int = 8
+    pairs_per_prompt: int = 1
     sample_temperature: float = 1.0
     sample_batch: int = 128
     n_eval_pairs: int = 256
