@@ -10,8 +10,13 @@ and after, and a plot of rewards and margins (dpo.png).
 from experiments import sft_arith
 from jaxpost import cli
 from jaxpost.recipes import dpo
+from jaxpost.recipes.common import EvalConfig
 
-CONFIG = dpo.DPOConfig(steps=100, sft=sft_arith.CONFIG)
+# DPO with an NLL term on the chosen answer (RPO, TRL's rpo_alpha / "sft" loss term): plain DPO on these short
+# answers lowers the chosen answers' likelihood along with the rejected ones' and greedy accuracy falls
+# (docs/benchmarks.md has the comparison).
+CONFIG = dpo.DPOConfig(steps=150, sft=sft_arith.CONFIG, beta=0.5, sft_weight=1.0, n_prompts=4096, pairs_per_prompt=2,
+                       eval=EvalConfig(n_examples=500))
 
 if __name__ == "__main__":
     cli.run(dpo.run, CONFIG, default_workdir="runs/dpo_arith")

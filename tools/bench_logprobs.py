@@ -3,7 +3,7 @@
     python tools/bench_logprobs.py                 # CPU: N=8192, D=512, V=32768, float32
     python tools/bench_logprobs.py --quick         # a smoke run (small shapes, 2 reps)
     python tools/bench_logprobs.py --gpu           # GPU: N=16384, D=4096, V=151936, bfloat16 (Qwen's vocabulary)
-    python tools/bench_logprobs.py --impls naive,chunked --n 4096 ...
+    python tools/bench_logprobs.py --impls naive,chunked,chunked@256 --n 4096 ...   # IMPL@MB: chunk budget in MiB
 
 For each impl, forward (logp, lse, entropy) and forward+backward (gradients w.r.t. hidden and unembedding of
 sum(logp) + sum(entropy), so every output's backward runs) are timed (median of --reps after a warm-up) and their
@@ -88,6 +88,8 @@ def run_case(impl: str, n: int, d: int, v: int, dtype: str, reps: int) -> dict:
 
     from jaxpost.ops import token_logprobs
 
+    impl, _, budget_mb = impl.partition("@")
+    budget = int(float(budget_mb) * 2**20) if budget_mb else None
     device = jax.devices()[0]
     rss0 = _rss_peak_mb()
     k1, k2, k3 = jax.random.split(jax.random.PRNGKey(0), 3)
@@ -98,19 +100,19 @@ def run_case(impl: str, n: int, d: int, v: int, dtype: str, reps: int) -> dict:
     base_dev = _device_peak_mb(device)
 
     def fwd(h, w, t):
-        return token_logprobs(h, w, t, return_entropy=True, impl=impl)
+        return token_logprobs(h, w, t, return_entropy=True, impl=impl, chunk_budget_bytes=budget)
 
     def loss(h, w, t):
-        o = token_logprobs(h, w, t, return_entropy=True, impl=impl)
+        o = token_logprobs(h, w, t, return_entropy=True, impl=impl, chunk_budget_bytes=budget)
         return jnp.sum(o.logp) + jnp.sum(o.entropy)
 
-    out = {"impl": impl}
+    out = {"impl": impl + (f"@{budget_mb}" if budget_mb else "")}
     for name, f in (("fwd", fwd), ("fwd_bwd", jax.grad(loss, argnums=(0, 1)))):
         compiled = jax.jit(f).lower(h, w, t).compile()
         mem = _memory(compiled)
         secs = _time(compiled, (h, w, t), reps)
         out[name] = {"ms": secs * 1e3, **mem}
-        log(f"{impl} {name}: {secs * 1e3:.1f} ms, temp {mem.get('temp_mb', float('nan')):.0f} MiB")
+        log(f"{out['impl']} {name}: {secs * 1e3:.1f} ms, temp {mem.get('temp_mb', float('nan')):.0f} MiB")
     flops = {"fwd": 2 * n * d * v, "fwd_bwd": 8 * n * d * v}
     for name in ("fwd", "fwd_bwd"):
         out[name]["tflops"] = flops[name] / (out[name]["ms"] / 1e3) / 1e12
