@@ -62,7 +62,7 @@ import jax
 import numpy as np
 
 from jaxpost.data.pipeline import _empty_rows
-from jaxpost.data.sources import DataError, FunctionSource, _json_type_name
+from jaxpost.data.sources import DataError, FunctionSource, _json_type_name, read_jsonl
 from jaxpost.data.tasks import DEFAULT_SOURCE_LENGTH, Task
 from jaxpost.tokenizer import Tokenizer, validate_messages
 
@@ -183,36 +183,18 @@ def normalize_kto_record(record: Any) -> dict[str, Any]:
     return out
 
 
-def _read_jsonl(path: str | os.PathLike, normalize: Callable[[Any], dict[str, Any]]) -> list[dict[str, Any]]:
-    path_str = os.fspath(path)
-    records = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path_str}:{lineno}: invalid JSON: {e.msg} (column {e.colno})") from None
-            try:
-                records.append(normalize(obj))
-            except DataError as e:
-                raise DataError(f"{path_str}:{lineno}: {e}") from None
-    return records
-
-
 def read_preference_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
     """Reads paired records (see `normalize_preference_record`); blank lines are skipped.
 
     Raises:
       DataError: for the first malformed line, with a message starting `f"{path}:{lineno}: "` (1-based).
     """
-    return _read_jsonl(path, normalize_preference_record)
+    return read_jsonl(path, normalize_preference_record)
 
 
 def read_kto_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
     """Reads unpaired KTO records (see `normalize_kto_record`); errors as `read_preference_jsonl`."""
-    return _read_jsonl(path, normalize_kto_record)
+    return read_jsonl(path, normalize_kto_record)
 
 
 # ------------------------------------------------------------------------------------------------ tokenize stage

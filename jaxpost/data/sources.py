@@ -70,11 +70,13 @@ def normalize_record(record: Any) -> dict[str, Any]:
     return out
 
 
-def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
+def read_jsonl(path: str | os.PathLike, normalize: Callable[[Any], dict[str, Any]] | None = None
+               ) -> list[dict[str, Any]]:
     """Reads a JSONL file of chat or prompt/completion records, normalised to `{"messages": [...]}` form.
 
     Blank lines are skipped. Every other line must be one JSON object in one of the two formats (see
-    `normalize_record`); extra keys are kept.
+    `normalize_record`); extra keys are kept. `normalize` replaces `normalize_record` for other record kinds
+    (preference pairs, KTO examples: `jaxpost.data.preference`).
 
     Raises:
       DataError: for the first malformed line, with a message starting `f"{path}:{lineno}: "` (1-based).
@@ -90,7 +92,7 @@ def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
             except json.JSONDecodeError as e:
                 raise DataError(f"{path_str}:{lineno}: invalid JSON: {e.msg} (column {e.colno})") from None
             try:
-                records.append(normalize_record(obj))
+                records.append((normalize or normalize_record)(obj))
             except DataError as e:
                 raise DataError(f"{path_str}:{lineno}: {e}") from None
     return records
