@@ -77,10 +77,16 @@ def _group_mean_std(r_B: Array, m_B: Array, group_size: int, ddof: int) -> tuple
     """Per-row (group mean, group std, number of valid rows in the group), over the valid rows of each group.
 
     std = sqrt(sum (r - mean)^2 / (n - ddof)), and 0 where n <= ddof (one valid member: r - mean = 0 anyway).
+    Masked rows' rewards are ignored (replaced by 0 before any arithmetic, so inf / NaN padding is harmless).
     """
     r_NG, m_NG = _groups(r_B, group_size), _groups(m_B, group_size)
+    r_NG = jnp.where(m_NG > 0, r_NG, 0.0)
     n_N = jnp.sum(m_NG, axis=-1)
-    mean_N = jnp.sum(r_NG * m_NG, axis=-1) / jnp.maximum(n_N, 1.0)
+    # shifted mean: pivot on a member of the group, so that equal rewards give r - mean = 0 exactly in float32
+    # (sum(0.3 x 8) / 8 is not 0.3, and the std ~1e-8 would blow the rounding error up to O(1e-2) advantages)
+    pivot_N = jnp.max(jnp.where(m_NG > 0, r_NG, -jnp.inf), axis=-1)
+    pivot_N = jnp.where(n_N > 0, pivot_N, 0.0)
+    mean_N = pivot_N + jnp.sum((r_NG - pivot_N[:, None]) * m_NG, axis=-1) / jnp.maximum(n_N, 1.0)
     ss_N = jnp.sum(jnp.square(r_NG - mean_N[:, None]) * m_NG, axis=-1)
     std_N = jnp.where(n_N > ddof, jnp.sqrt(ss_N / jnp.maximum(n_N - ddof, 1.0)), 0.0)
     rep = lambda x_N: jnp.repeat(x_N, group_size)
@@ -157,8 +163,8 @@ def grpo(rewards_B: Float[Array, "B"], *, group_size: int, scale: str = "group",
     batch statistic of ``scale="batch"`` inside ``shard_map`` (the group statistics need no communication as long as
     groups are not split across devices).
     """
-    r_B = _f32(rewards_B)
-    m_B = _row_mask(r_B, mask_B)
+    m_B = _row_mask(_f32(rewards_B), mask_B)
+    r_B = jnp.where(m_B > 0, _f32(rewards_B), 0.0)
     mean_B, std_B, _ = _group_mean_std(r_B, m_B, group_size, ddof)
     adv_B = r_B - mean_B
     if scale == "group":
@@ -191,8 +197,8 @@ def rloo(rewards_B: Float[Array, "B"], *, group_size: int, mask_B: RowMask = Non
     group; a group with fewer than 2 valid rows has no baseline and gets 0 (verl uses baseline 0 there, A = r).
     For a KL-regularised reward use ``kl_penalty_sequence_rewards`` first.
     """
-    r_B = _f32(rewards_B)
-    m_B = _row_mask(r_B, mask_B)
+    m_B = _row_mask(_f32(rewards_B), mask_B)
+    r_B = jnp.where(m_B > 0, _f32(rewards_B), 0.0)
     mean_B, _, n_B = _group_mean_std(r_B, m_B, group_size, 0)
     adv_B = jnp.where(n_B >= 2, n_B / jnp.maximum(n_B - 1.0, 1.0) * (r_B - mean_B), 0.0)
     return jax.lax.stop_gradient(adv_B * m_B)
@@ -221,7 +227,7 @@ def reinforce_pp(token_rewards_BT: Float[Array, "B T"], mask_BT: Float[Array, "B
         g_B = r_B + gamma * g_B
         return g_B, g_B
 
-    ret_TB = _reverse_masked_scan(step, jnp.zeros(r_BT.shape[:1], jnp.float32), (r_BT.T,), m_BT.T)
+    ret_TB = _reverse_masked_scan(step, jnp.zeros_like(m_BT[:, 0]), (r_BT.T,), m_BT.T)
     ret_BT = ret_TB.T
     adv_BT = masked_whiten(ret_BT, m_BT, eps=eps, ddof=ddof, axis_name=axis_name) if whiten else ret_BT
     return jax.lax.stop_gradient(adv_BT), jax.lax.stop_gradient(ret_BT)
@@ -247,7 +253,7 @@ def gae(token_rewards_BT: Float[Array, "B T"], mask_BT: Float[Array, "B T"], *, 
         a_B = r_B + gamma * next_v_B - v_B + gamma * lam * next_a_B
         return (v_B, a_B), a_B
 
-    zeros_B = jnp.zeros(r_BT.shape[:1], jnp.float32)
+    zeros_B = jnp.zeros_like(m_BT[:, 0])  # (like the inputs: varying over a shard_map axis)
     adv_BT = _reverse_masked_scan(step, (zeros_B, zeros_B), (r_BT.T, v_BT.T), m_BT.T).T
     ret_BT = (adv_BT + v_BT) * m_BT
     return jax.lax.stop_gradient(adv_BT), jax.lax.stop_gradient(ret_BT)
