@@ -117,13 +117,16 @@ def preference_step_fn(lm, tx: optax.GradientTransformation, schedule: optax.Sch
     return step
 
 
-def rows_sharding(mesh, rows: int, ndim: int) -> NamedSharding:
-    """[A, rows, ...] arrays: rows over (data, fsdp) when they divide, else replicated."""
+def rows_sharding(mesh, rows: int, ndim: int, *, rows_axis: int = 1) -> NamedSharding:
+    """Arrays whose dimension `rows_axis` holds `rows` rows ([A, rows, ...] micro-batches by default, [rows, ...]
+    with rows_axis=0): rows over (data, fsdp) when they divide, else replicated."""
     dp = mesh.shape["data"] * mesh.shape["fsdp"]
     axes = tuple(a for a in ("data", "fsdp") if mesh.shape[a] > 1)
     if not axes or rows % dp:
         return replicated(mesh)
-    return NamedSharding(mesh, P(None, axes if len(axes) > 1 else axes[0], *([None] * (ndim - 2))))
+    spec = [None] * ndim
+    spec[rows_axis] = axes if len(axes) > 1 else axes[0]
+    return NamedSharding(mesh, P(*spec))
 
 
 def preference_batch_shardings(mesh, *, pairs_per_micro: int, reference: str) -> dict:
@@ -176,8 +179,7 @@ def split_preference_microbatches(batch: dict, grad_accum: int) -> dict:
 def make_reference_logps(lm, mesh, param_shardings, *, rows: int, logprobs_impl: str = "auto"):
     """A jitted `f(params, batch) -> logps [rows]` over one host batch of ROW_KEYS [rows, T]: the pass that
     precomputes the reference log-probs (reference="precomputed")."""
-    in_sh = {k: rows_sharding(mesh, rows, 3) for k in ROW_KEYS}
-    in_sh = {k: NamedSharding(mesh, P(*s.spec[1:])) if s.spec else s for k, s in in_sh.items()}
+    in_sh = {k: rows_sharding(mesh, rows, 2, rows_axis=0) for k in ROW_KEYS}
 
     def f(params, batch):
         return sequence_logps(lm, params, {k: batch[k] for k in ROW_KEYS}, logprobs_impl=logprobs_impl)[0]

@@ -87,9 +87,7 @@ def make_reward_step(model, tx, schedule, mesh, state_shardings, *, grad_accum: 
 def make_pairwise_eval(model, mesh, param_shardings, *, rows: int):
     """A jitted `f(params, batch) -> (rewards [rows], ...)` for held-out pairwise accuracy: rewards of one host
     batch of interleaved rows [rows, T]."""
-    in_sh = {k: rows_sharding(mesh, rows, 3) for k in ROW_KEYS}
-    in_sh = {k: jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(*s.spec[1:])) if s.spec else s
-             for k, s in in_sh.items()}
+    in_sh = {k: rows_sharding(mesh, rows, 2, rows_axis=0) for k in ROW_KEYS}
     jitted = jax.jit(lambda p, b: sequence_rewards(model, p, b), in_shardings=(param_shardings, in_sh),
                      out_shardings=replicated(mesh))
 
