@@ -77,6 +77,13 @@ def device_put_batch(batch: dict, shardings: dict) -> dict:
     return {k: jax.make_array_from_process_local_data(shardings[k], np.asarray(batch[k])) for k in shardings}
 
 
+def decode_completion(tokenizer: Tokenizer, ids) -> str:
+    """Text of a sampled completion: stop tokens dropped, ids past the tokenizer's pieces (the model's vocabulary
+    may be padded) decoded as unknown."""
+    return tokenizer.decode([t if t < tokenizer.vocab_size else tokenizer.unk_id
+                             for t in np.asarray(ids).tolist() if t not in tokenizer.stop_ids])
+
+
 @functools.lru_cache(maxsize=8)
 def eval_sampler(lm, mesh, pad_id: int, max_prompt_len: int) -> Sampler:
     """One sampler per (model, mesh, pad id, prompt length), so that repeated evaluations reuse its compiled
@@ -101,10 +108,7 @@ def task_accuracy(lm, params, tokenizer, task, examples, cfg: EvalConfig, mesh, 
         prompts = [tokens[:n] for tokens, n in zip(batch["tokens"], batch["lengths"])]
         rollout = sampler.generate(params, prompts, sampling)
         for row in np.nonzero(batch["valid"])[0]:
-            # ids past the tokenizer's pieces (the model's vocabulary may be padded) decode as unknown.
-            ids = [t if t < tokenizer.vocab_size else tokenizer.unk_id
-                   for t in rollout.tokens[row, :rollout.lengths[row]].tolist() if t not in tokenizer.stop_ids]
-            completion = tokenizer.decode(ids)
+            completion = decode_completion(tokenizer, rollout.tokens[row, :rollout.lengths[row]])
             ok = task.check(completion, batch["answers"][row])
             correct += int(ok)
             total += 1

@@ -34,7 +34,8 @@ from jaxpost.data.preference import (arithmetic_preference_records, build_prefer
                                      preference_records_from_samples)
 from jaxpost.models import LM
 from jaxpost.recipes import sft as sft_recipe
-from jaxpost.recipes.common import EvalConfig, device_put_batch, eval_sampler, setup_logging, task_accuracy
+from jaxpost.recipes.common import (EvalConfig, decode_completion, device_put_batch, eval_sampler, setup_logging,
+                                    task_accuracy)
 from jaxpost.rollout import SamplingConfig
 from jaxpost.sharding import make_mesh
 from jaxpost.tokenizer import Tokenizer
@@ -141,9 +142,7 @@ def build_pairs(cfg: DPOConfig, lm, params, tokenizer, task, mesh, path: str) ->
             prompts = [tokenizer.encode_chat([{"role": "user", "content": ex["prompt"]}],
                                              add_generation_prompt=True)[0] for ex in chunk]
             rollout = sampler.generate(params, prompts, sampling, seed=cfg.seed * 100003 + i)
-            texts = [tokenizer.decode([t if t < tokenizer.vocab_size else tokenizer.unk_id
-                                       for t in c.tolist() if t not in tokenizer.stop_ids])
-                     for c in rollout.completions()]
+            texts = [decode_completion(tokenizer, c) for c in rollout.completions()]
             G = cfg.samples_per_prompt
             samples += [texts[j * G:(j + 1) * G] for j in range(len(chunk))]
         records, stats = preference_records_from_samples(
