@@ -7,6 +7,7 @@ central property of the aggregation: loss and gradient are the same however a ba
 devices, for every aggregation mode and every policy loss.
 """
 
+import functools
 import math
 
 import jax
@@ -60,6 +61,19 @@ MAX_LEN = 16  # the constant of seq_mean_token_sum_norm in these tests
 
 def f32(x):
     return jnp.asarray(x, jnp.float32)
+
+
+# The programs here are tiny: compiling them dominates the run time, and one XLA compile of a whole test computation
+# is much cheaper than eager mode's op-by-op compiles, and cheaper still without LLVM's optimisation passes.
+jit = functools.partial(jax.jit, compiler_options={"xla_backend_optimization_level": 0})
+
+
+def jgrad(f, *args, **kw):
+    return jit(jax.grad(f, **kw))(*args)
+
+
+def jcall(f, *args):
+    return jit(f)(*args)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -168,86 +182,94 @@ S3 = math.sqrt(3.0) / 2.0
 
 
 def test_grpo_two_groups_by_hand():
-    r = f32(TWO_GROUPS)
-    np.testing.assert_allclose(grpo(r, group_size=4, eps=0.0), [S3, -S3, S3, -S3, .5, .5, .5, -1.5], rtol=1e-6)
+    out = jcall(lambda r: dict(
+        eps0=grpo(r, group_size=4, eps=0.0), default=grpo(r, group_size=4), trl=grpo(r, group_size=4, eps=1e-4),
+        batch=grpo(r, group_size=4, scale="batch", eps=0.0), none=grpo(r, group_size=4, scale="none"),
+        dr=dr_grpo(r, group_size=4), ddof0=grpo(r, group_size=4, eps=0.0, ddof=0)), f32(TWO_GROUPS))
+    np.testing.assert_allclose(out["eps0"], [S3, -S3, S3, -S3, .5, .5, .5, -1.5], rtol=1e-6)
     # the default epsilon (1e-6) is added to the std, not under the square root
-    np.testing.assert_allclose(grpo(r, group_size=4),
-                               [.5 / (math.sqrt(1 / 3) + 1e-6)] * 1 + [-.5 / (math.sqrt(1 / 3) + 1e-6)]
-                               + [.5 / (math.sqrt(1 / 3) + 1e-6), -.5 / (math.sqrt(1 / 3) + 1e-6)]
-                               + [.25 / (0.5 + 1e-6)] * 3 + [-.75 / (0.5 + 1e-6)], rtol=1e-6)
-    # TRL's epsilon
-    np.testing.assert_allclose(grpo(r, group_size=4, eps=1e-4)[4], 0.25 / 0.5001, rtol=1e-6)
+    s1, s2 = math.sqrt(1 / 3) + 1e-6, 0.5 + 1e-6
+    np.testing.assert_allclose(out["default"], [.5 / s1, -.5 / s1, .5 / s1, -.5 / s1, .25 / s2, .25 / s2, .25 / s2,
+                                                -.75 / s2], rtol=1e-6)
+    np.testing.assert_allclose(out["trl"][4], 0.25 / 0.5001, rtol=1e-6)  # TRL's epsilon
     dev = np.array([.5, -.5, .5, -.5, .25, .25, .25, -.75])
     batch_std = math.sqrt(1.875 / 7)
     np.testing.assert_allclose(batch_std, 0.517549, rtol=1e-6)
-    np.testing.assert_allclose(grpo(r, group_size=4, scale="batch", eps=0.0), dev / batch_std, rtol=1e-6)
-    np.testing.assert_allclose(grpo(r, group_size=4, scale="none"), dev, rtol=1e-6)
-    np.testing.assert_allclose(dr_grpo(r, group_size=4), dev, rtol=1e-6)
+    np.testing.assert_allclose(out["batch"], dev / batch_std, rtol=1e-6)
+    np.testing.assert_allclose(out["none"], dev, rtol=1e-6)
+    np.testing.assert_allclose(out["dr"], dev, rtol=1e-6)
     # ddof=0 (population std): group 1 std 0.5 -> +-1; group 2 std sqrt(0.75 / 4)
-    np.testing.assert_allclose(grpo(r, group_size=4, eps=0.0, ddof=0)[:2], [1.0, -1.0], rtol=1e-6)
-    np.testing.assert_allclose(grpo(r, group_size=4, eps=0.0, ddof=0)[7], -.75 / math.sqrt(0.75 / 4), rtol=1e-6)
+    np.testing.assert_allclose(out["ddof0"][:2], [1.0, -1.0], rtol=1e-6)
+    np.testing.assert_allclose(out["ddof0"][7], -.75 / math.sqrt(0.75 / 4), rtol=1e-6)
 
 
 def test_rloo_two_groups_by_hand():
-    np.testing.assert_allclose(rloo(f32(TWO_GROUPS), group_size=4),
+    np.testing.assert_allclose(jcall(lambda r: rloo(r, group_size=4), f32(TWO_GROUPS)),
                                [2 / 3, -2 / 3, 2 / 3, -2 / 3, 1 / 3, 1 / 3, 1 / 3, -1.0], rtol=1e-6)
 
 
 @pytest.mark.parametrize("G", [2, 4, 8])
-@pytest.mark.parametrize("scale", ["group", "batch", "none"])
-def test_group_estimators_equal_trl_and_verl_formulas(G, scale):
+def test_group_estimators_equal_trl_and_verl_formulas(G):
     r = np.random.default_rng(G).normal(size=4 * G).astype(np.float32)
-    r[:G] = 0.3  # one group with all rewards equal: zero advantages
-    np.testing.assert_allclose(grpo(f32(r), group_size=G, scale=scale), np_group_adv(r, G, scale=scale),
-                               rtol=1e-5, atol=1e-6)
-    np.testing.assert_array_equal(grpo(f32(r), group_size=G, scale=scale)[:G], 0.0)
-    np.testing.assert_allclose(rloo(f32(r), group_size=G), np_rloo(r, G), rtol=1e-5, atol=1e-6)
+    r[:G] = 0.3  # one group with all rewards equal: exactly zero advantages (0.3 is not a float32 sum-friendly value)
+    scales = ("group", "batch", "none")
+    out = jcall(lambda x: ([grpo(x, group_size=G, scale=sc) for sc in scales], rloo(x, group_size=G),
+                           dr_grpo(x, group_size=G)), f32(r))
+    for sc, a in zip(scales, out[0]):
+        np.testing.assert_allclose(a, np_group_adv(r, G, scale=sc), rtol=1e-5, atol=1e-6, err_msg=sc)
+        np.testing.assert_array_equal(a[:G], 0.0)
+    np.testing.assert_allclose(out[1], np_rloo(r, G), rtol=1e-5, atol=1e-6)
     # RLOO = G / (G - 1) x the centred rewards (Dr.GRPO's advantage)
-    np.testing.assert_allclose(rloo(f32(r), group_size=G), G / (G - 1) * dr_grpo(f32(r), group_size=G),
-                               rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(out[1], G / (G - 1) * out[2], rtol=1e-5, atol=1e-6)
 
 
 def test_group_advantages_are_zero_sum_and_unit_std_within_groups():
-    r = f32(np.random.default_rng(1).normal(size=32))
-    a = np.asarray(grpo(r, group_size=8, eps=0.0)).reshape(4, 8)
+    a, b = jcall(lambda r: (grpo(r, group_size=8, eps=0.0), rloo(r, group_size=8)),
+                 f32(np.random.default_rng(1).normal(size=32)))
+    a = np.asarray(a).reshape(4, 8)
     np.testing.assert_allclose(a.sum(-1), 0.0, atol=1e-5)
     np.testing.assert_allclose(a.std(-1, ddof=1), 1.0, rtol=1e-5)
-    np.testing.assert_allclose(np.asarray(rloo(r, group_size=8)).reshape(4, 8).sum(-1), 0.0, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(b).reshape(4, 8).sum(-1), 0.0, atol=1e-5)
 
 
 def test_masked_rows_take_no_part():
     """Padding rows get 0 and leave every statistic alone: a batch with a dropped (masked) group gives the other
     groups' advantages unchanged, including the batch std; within a partly masked group the stats use the valid
-    rows; a group with one valid row has no baseline (0)."""
-    r = np.array(TWO_GROUPS + [5.0, -3.0, 7.0, 2.0], np.float32)
-    keep = np.array([1] * 8 + [0] * 4, bool)
-    for est, kw in ((grpo, {}), (grpo, dict(scale="batch")), (grpo, dict(scale="none")), (rloo, {})):
-        got = est(f32(r), group_size=4, mask_B=jnp.asarray(keep), **kw)
-        np.testing.assert_allclose(got[:8], est(f32(r[:8]), group_size=4, **kw), rtol=1e-6)
-        np.testing.assert_array_equal(got[8:], 0.0)
+    rows; a group with one valid row has no baseline (0). Padding may hold inf or NaN."""
+    r = f32(TWO_GROUPS + [jnp.inf, -3.0, jnp.nan, 2.0])
+    keep = jnp.asarray([1] * 8 + [0] * 4, bool)
+    cases = ((grpo, {}), (grpo, dict(scale="batch")), (grpo, dict(scale="none")), (rloo, {}))
+    got, want = jcall(lambda r: ([est(r, group_size=4, mask_B=keep, **kw) for est, kw in cases],
+                                 [est(r[:8], group_size=4, **kw) for est, kw in cases]), r)
+    for g, w in zip(got, want):
+        np.testing.assert_allclose(g[:8], w, rtol=1e-6)
+        np.testing.assert_array_equal(g[8:], 0.0)
     # partly masked group: rows {0, 1, 2} of [1, 0, 1, junk] -> mean 2/3, std (ddof=1) sqrt(1/3)
-    m = np.array([1, 1, 1, 0, 1, 1, 1, 1], bool)
-    r2 = np.array(TWO_GROUPS, np.float32)
-    r2[3] = 100.0
-    a = grpo(f32(r2), group_size=4, eps=0.0, mask_B=jnp.asarray(m))
+    m = jnp.asarray([1, 1, 1, 0, 1, 1, 1, 1], bool)
+    single = jnp.asarray([1, 0, 0, 0, 1, 1, 1, 1], bool)
+    r2 = f32(TWO_GROUPS).at[3].set(100.0)
+    a, b, singles, ones = jcall(lambda r2, r: (
+        grpo(r2, group_size=4, eps=0.0, mask_B=m), rloo(r2, group_size=4, mask_B=m),
+        [est(r, group_size=4, mask_B=single) for est in (grpo, rloo, dr_grpo)],
+        [est(r, group_size=1) for est in (grpo, rloo, dr_grpo)]), r2, f32(TWO_GROUPS))
     np.testing.assert_allclose(a[:4], [(1 / 3) / math.sqrt(1 / 3), (-2 / 3) / math.sqrt(1 / 3),
                                        (1 / 3) / math.sqrt(1 / 3), 0.0], rtol=1e-6)
-    np.testing.assert_allclose(rloo(f32(r2), group_size=4, mask_B=jnp.asarray(m))[:4], [.5, -1.0, .5, 0.0],
-                               rtol=1e-6)
+    np.testing.assert_allclose(b[:4], [.5, -1.0, .5, 0.0], rtol=1e-6)
     # one valid member, or a group of one: advantage 0 (no baseline), never NaN
-    single = np.array([1, 0, 0, 0, 1, 1, 1, 1], bool)
-    for est in (grpo, rloo, dr_grpo):
-        np.testing.assert_array_equal(est(f32(TWO_GROUPS), group_size=4, mask_B=jnp.asarray(single))[:4], 0.0)
-        np.testing.assert_array_equal(est(f32(TWO_GROUPS), group_size=1), 0.0)
+    for x in singles:
+        np.testing.assert_array_equal(x[:4], 0.0)
+    for x in ones:
+        np.testing.assert_array_equal(x, 0.0)
 
 
 def test_advantages_carry_no_gradient():
     r = f32(TWO_GROUPS)
-    for name in SEQUENCE_LEVEL_ESTIMATORS:
-        g = jax.grad(lambda x: jnp.sum(get_advantage_estimator(name)(x, group_size=4) * jnp.arange(8.0)))(r)
-        np.testing.assert_array_equal(g, 0.0)
+    total = lambda x: sum(jnp.sum(get_advantage_estimator(name)(x, group_size=4) * jnp.arange(8.0))
+                          for name in SEQUENCE_LEVEL_ESTIMATORS)
+    np.testing.assert_array_equal(jgrad(total, r), 0.0)
     b = rl_batch()
-    g = jax.grad(lambda v: jnp.sum(gae(b["returns"], b["mask"], values_BT=v)[0]))(b["values"])
+    g = jgrad(lambda v: jnp.sum(gae(b["returns"], b["mask"], values_BT=v)[0] + reinforce_pp(v, b["mask"])[0]),
+              b["values"])
     np.testing.assert_array_equal(g, 0.0)
 
 
@@ -261,15 +283,17 @@ def test_gae_four_tokens_by_hand():
     #   A3 = .4;  A2 = -.3 + .5 x .4 = -.1;  A1 = .5 + .5 x (-.1) = .45;  A0 = -.1 + .5 x .45 = .125
     #   returns = A + V = [.625, .85, .8, 1.0]
     r, v, m = f32([[0, 0, 0, 1]]), f32([[.5, .4, .9, .6]]), jnp.ones((1, 4))
-    adv, ret = gae(r, m, values_BT=v, gamma=1.0, lam=0.5)
+    out = jcall(lambda r, v: [gae(r, m, values_BT=v, gamma=g, lam=lam) for g, lam in ((1.0, .5), (1.0, 1.0), (.9, 0.))],
+                r, v)
+    adv, ret = out[0]
     np.testing.assert_allclose(adv, [[.125, .45, -.1, .4]], rtol=1e-5, atol=1e-7)
     np.testing.assert_allclose(ret, [[.625, .85, .8, 1.0]], rtol=1e-6)
     # lam = 1, gamma = 1: Monte Carlo, the return is the reward-to-go (1 everywhere), A = 1 - V
-    adv, ret = gae(r, m, values_BT=v, gamma=1.0, lam=1.0)
+    adv, ret = out[1]
     np.testing.assert_allclose(ret, [[1, 1, 1, 1]], rtol=1e-6)
     np.testing.assert_allclose(adv, 1 - v, rtol=1e-6)
     # lam = 0: one-step TD errors
-    adv, _ = gae(r, m, values_BT=v, gamma=0.9, lam=0.0)
+    adv, _ = out[2]
     np.testing.assert_allclose(adv, [[.9 * .4 - .5, .9 * .9 - .4, .9 * .6 - .9, 1 - .6]], rtol=1e-5)
 
 
@@ -282,12 +306,13 @@ def test_gae_equals_numpy_loop_with_ragged_and_holed_masks(gamma, lam):
     mask[1, :] = 1
     rewards, values = rng.normal(size=(B, T)).astype(np.float32), rng.normal(size=(B, T)).astype(np.float32)
     want_adv, want_ret = np_gae(rewards.astype(np.float64), values.astype(np.float64), mask, gamma, lam)
-    adv, ret = gae(f32(rewards), f32(mask), values_BT=f32(values), gamma=gamma, lam=lam)
-    np.testing.assert_allclose(adv, want_adv, rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(ret, want_ret, rtol=1e-5, atol=1e-5)
     # masked positions are 0 and do not propagate: garbage there changes nothing
     junk = np.where(mask > 0, 0.0, 1e3).astype(np.float32)
-    adv2, ret2 = gae(f32(rewards + junk), f32(mask), values_BT=f32(values - junk), gamma=gamma, lam=lam)
+    f = lambda r, v: gae(r, f32(mask), values_BT=v, gamma=gamma, lam=lam)
+    (adv, ret), (adv2, ret2) = jcall(lambda r, v, j: (f(r, v), f(r + j, v - j)), f32(rewards), f32(values),
+                                     f32(junk))
+    np.testing.assert_allclose(adv, want_adv, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(ret, want_ret, rtol=1e-5, atol=1e-5)
     np.testing.assert_array_equal(adv2, adv)
     np.testing.assert_array_equal(ret2, ret)
 
@@ -297,8 +322,8 @@ def test_gae_right_padding_equals_sliced():
     r, v = f32(rng.normal(size=(1, 5))), f32(rng.normal(size=(1, 5)))
     pad = lambda x: jnp.concatenate([x, f32(rng.normal(size=(1, 3)) * 9)], axis=1)
     m = jnp.concatenate([jnp.ones((1, 5)), jnp.zeros((1, 3))], axis=1)
-    full = gae(pad(r), m, values_BT=pad(v), gamma=0.95, lam=0.9)
-    sliced = gae(r, jnp.ones((1, 5)), values_BT=v, gamma=0.95, lam=0.9)
+    full, sliced = jcall(lambda pr, pv: (gae(pr, m, values_BT=pv, gamma=0.95, lam=0.9),
+                                         gae(r, jnp.ones((1, 5)), values_BT=v, gamma=0.95, lam=0.9)), pad(r), pad(v))
     for a, b in zip(full, sliced):
         np.testing.assert_allclose(a[:, :5], b, rtol=1e-6)
         np.testing.assert_array_equal(a[:, 5:], 0.0)
@@ -306,14 +331,18 @@ def test_gae_right_padding_equals_sliced():
 
 def test_reinforce_pp_discounted_returns_and_global_whitening():
     # one sequence, outcome 1 on the last token, gamma = 0.5: returns [1/8, 1/4, 1/2, 1]
-    adv, ret = reinforce_pp(f32([[0, 0, 0, 1]]), jnp.ones((1, 4)), gamma=0.5, whiten=False)
+    adv, ret = jcall(lambda r: reinforce_pp(r, jnp.ones((1, 4)), gamma=0.5, whiten=False), f32([[0, 0, 0, 1]]))
     np.testing.assert_allclose(ret, [[.125, .25, .5, 1.0]], rtol=1e-6)
     np.testing.assert_allclose(adv, ret)
     # with the KL penalty in the reward: r_t = 1[last] - beta k1_t, returns of that, whitened over all valid tokens
     b = rl_batch(5)
-    tok_r = kl_penalty_token_rewards(sequence_to_token_rewards(b["rewards"], b["mask"]),
-                                     k1(b["old"], b["ref"], b["mask"]), b["mask"], beta=0.05)
-    adv, ret = reinforce_pp(tok_r, b["mask"], gamma=0.99)
+
+    def run(d):
+        tok_r = kl_penalty_token_rewards(sequence_to_token_rewards(d["rewards"], d["mask"]),
+                                         k1(d["old"], d["ref"], d["mask"]), d["mask"], beta=0.05)
+        return tok_r, reinforce_pp(tok_r, d["mask"], gamma=0.99)
+
+    tok_r, (adv, ret) = jcall(run, b)
     mask = np.asarray(b["mask"])
     want_ret = np_returns(np.asarray(tok_r, np.float64), mask, 0.99)
     np.testing.assert_allclose(ret, want_ret, rtol=1e-5, atol=1e-6)
@@ -326,14 +355,16 @@ def test_reinforce_pp_discounted_returns_and_global_whitening():
 def test_masked_whiten_and_sequence_rewards():
     x, m = f32([[1.0, 2.0, 3.0, 99.0]]), f32([[1, 1, 1, 0]])
     # mean 2, unbiased variance 1
-    np.testing.assert_allclose(masked_whiten(x, m, eps=0.0), [[-1.0, 0.0, 1.0, 0.0]], rtol=1e-6)
-    np.testing.assert_allclose(masked_whiten(x, m, eps=0.0, shift_mean=False), [[1.0, 2.0, 3.0, 0.0]], rtol=1e-6)
-    np.testing.assert_allclose(masked_whiten(x, m, eps=0.0, ddof=0), [[-math.sqrt(1.5), 0, math.sqrt(1.5), 0]],
-                               rtol=1e-6)
     m2 = f32([[0, 1, 1, 0, 0], [1, 0, 1, 1, 0], [0, 0, 0, 0, 0]])
-    np.testing.assert_array_equal(sequence_to_token_rewards(f32([2.0, 3.0, 4.0]), m2),
-                                  [[0, 0, 2, 0, 0], [0, 0, 0, 3, 0], [0, 0, 0, 0, 0]])
-    np.testing.assert_array_equal(broadcast_to_tokens(f32([2.0, 3.0, 4.0]), m2), m2 * f32([[2.0], [3.0], [4.0]]))
+    w, w_scale, w_pop, tok, bc = jcall(lambda x, r: (
+        masked_whiten(x, m, eps=0.0), masked_whiten(x, m, eps=0.0, shift_mean=False),
+        masked_whiten(x, m, eps=0.0, ddof=0), sequence_to_token_rewards(r, m2), broadcast_to_tokens(r, m2)),
+        x, f32([2.0, 3.0, 4.0]))
+    np.testing.assert_allclose(w, [[-1.0, 0.0, 1.0, 0.0]], rtol=1e-6)
+    np.testing.assert_allclose(w_scale, [[1.0, 2.0, 3.0, 0.0]], rtol=1e-6)
+    np.testing.assert_allclose(w_pop, [[-math.sqrt(1.5), 0, math.sqrt(1.5), 0]], rtol=1e-6)
+    np.testing.assert_array_equal(tok, [[0, 0, 2, 0, 0], [0, 0, 0, 3, 0], [0, 0, 0, 0, 0]])
+    np.testing.assert_array_equal(bc, m2 * f32([[2.0], [3.0], [4.0]]))
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -352,10 +383,10 @@ def test_overlong_penalty_by_hand():
 
 def test_dynamic_sampling_keeps_groups_with_nonzero_reward_std():
     r = f32([1, 1, 1, 1, 1, 0, 1, 1, 0, 0, 0, 0, .5, .5, .5, .50001])
-    keep = dynamic_sampling_keep(r, group_size=4)
+    keep, adv = jcall(lambda r: (dynamic_sampling_keep(r, group_size=4), grpo(r, group_size=4)), r)
     np.testing.assert_array_equal(keep, [False, True, False, True])
     # exactly the groups with non-zero GRPO advantages
-    adv = np.asarray(grpo(r, group_size=4)).reshape(4, 4)
+    adv = np.asarray(adv).reshape(4, 4)
     np.testing.assert_array_equal(np.any(adv != 0, axis=-1), keep)
 
 
@@ -370,19 +401,22 @@ def test_kl_estimators_by_hand_and_against_definitions():
                                rtol=1e-6)
     rng = np.random.default_rng(6)
     logp, ref = -rng.uniform(0.1, 4, (4, 7)), -rng.uniform(0.1, 4, (4, 7))
+    m = f32(rng.random((4, 7)) > 0.5)
+    bad = jnp.where(m > 0, f32(ref), jnp.inf)
+    names = list(KL_ESTIMATORS)
+    vals, same, masked = jcall(lambda lp, rf, bad: (
+        {k: KL_ESTIMATORS[k](lp, rf) for k in names}, {k: KL_ESTIMATORS[k](lp, lp) for k in names},
+        {k: KL_ESTIMATORS[k](lp, bad, m) for k in names}), f32(logp), f32(ref), bad)
     log_r = ref - logp
-    np.testing.assert_allclose(k1(f32(logp), f32(ref)), -log_r, rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(k2(f32(logp), f32(ref)), log_r ** 2 / 2, rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(k3(f32(logp), f32(ref)), (np.exp(log_r) - 1) - log_r, rtol=1e-5, atol=1e-6)
-    assert np.all(np.asarray(k3(f32(logp), f32(ref))) >= 0) and np.all(np.asarray(k2(f32(logp), f32(ref))) >= 0)
+    np.testing.assert_allclose(vals["k1"], -log_r, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(vals["k2"], log_r ** 2 / 2, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(vals["k3"], (np.exp(log_r) - 1) - log_r, rtol=1e-5, atol=1e-6)
+    assert np.all(np.asarray(vals["k3"]) >= 0) and np.all(np.asarray(vals["k2"]) >= 0)
     # equal log-probs: every estimator 0; masked tokens 0 whatever they hold
-    for name, k in KL_ESTIMATORS.items():
-        np.testing.assert_array_equal(k(f32(logp), f32(logp)), 0.0)
-        m = f32(rng.random((4, 7)) > 0.5)
-        bad = jnp.where(m > 0, f32(ref), jnp.inf)
-        out = k(f32(logp), bad, m)
-        np.testing.assert_array_equal(np.asarray(out)[np.asarray(m) == 0], 0.0)
-        assert np.all(np.isfinite(out)), name
+    for name in names:
+        np.testing.assert_array_equal(same[name], 0.0)
+        np.testing.assert_array_equal(np.asarray(masked[name])[np.asarray(m) == 0], 0.0)
+        assert np.all(np.isfinite(masked[name])), name
     # optional clamp of log r (verl clamps to +-20)
     np.testing.assert_allclose(k1(f32([[0.0]]), f32([[-50.0]]), max_log_ratio=20.0), [[20.0]])
 
@@ -420,38 +454,42 @@ def test_kl_estimator_gradients_in_the_loss():
         w = jax.lax.stop_gradient(jnp.exp(log_pi))  # the sampling distribution
         return jnp.sum(w * kl_loss(log_pi[None], log_ref[None], jnp.ones((1, 6)), beta=1.0, estimator=name)[0])
 
-    reverse = jax.grad(lambda th: jnp.sum(jax.nn.softmax(th) * (jax.nn.log_softmax(th) - log_ref)))(theta)
-    forward = jax.grad(lambda th: jnp.sum(jnp.exp(log_ref) * (log_ref - jax.nn.log_softmax(th))))(theta)
-    np.testing.assert_allclose(jax.grad(expected_loss)(theta, "k1"), 0.0, atol=1e-6)
-    np.testing.assert_allclose(jax.grad(expected_loss)(theta, "k2"), reverse, rtol=1e-4, atol=1e-6)
-    np.testing.assert_allclose(jax.grad(expected_loss)(theta, "k3"), forward, rtol=1e-4, atol=1e-6)
+    reverse = jgrad(lambda th: jnp.sum(jax.nn.softmax(th) * (jax.nn.log_softmax(th) - log_ref)), theta)
+    forward = jgrad(lambda th: jnp.sum(jnp.exp(log_ref) * (log_ref - jax.nn.log_softmax(th))), theta)
+    g1, g2, g3 = jcall(lambda th: [jax.grad(expected_loss)(th, k) for k in ("k1", "k2", "k3")], theta)
+    np.testing.assert_allclose(g1, 0.0, atol=1e-6)
+    np.testing.assert_allclose(g2, reverse, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(g3, forward, rtol=1e-4, atol=1e-6)
     assert float(jnp.max(jnp.abs(reverse - forward))) > 1e-2  # they really differ here
     # per token, d k / d logp: k1 1, k2 (logp - ref), k3 1 - ref / pi
     lp, rf = f32([[-1.0, -0.3]]), f32([[-2.0, -0.1]])
-    for name, want in (("k1", [1.0, 1.0]), ("k2", [1.0, -0.2]), ("k3", [1 - math.exp(-1), 1 - math.exp(0.2)])):
-        g = jax.grad(lambda x: jnp.sum(kl_loss(x, rf, jnp.ones((1, 2)), beta=1.0, estimator=name)))(lp)
-        np.testing.assert_allclose(g[0], want, rtol=1e-5, err_msg=name)
-        # the reference is detached
-        np.testing.assert_array_equal(
-            jax.grad(lambda y: jnp.sum(kl_loss(lp, y, jnp.ones((1, 2)), beta=1.0, estimator=name)))(rf), 0.0)
+    total = lambda x, y, k: jnp.sum(kl_loss(x, y, jnp.ones((1, 2)), beta=1.0, estimator=k))
+    grads = jcall(lambda x, y: [jax.grad(total, argnums=(0, 1))(x, y, k) for k in ("k1", "k2", "k3")], lp, rf)
+    want = [[1.0, 1.0], [1.0, -0.2], [1 - math.exp(-1), 1 - math.exp(0.2)]]
+    for (g_lp, g_ref), w, name in zip(grads, want, ("k1", "k2", "k3")):
+        np.testing.assert_allclose(g_lp[0], w, rtol=1e-5, err_msg=name)
+        np.testing.assert_array_equal(g_ref, 0.0)  # the reference is detached
 
 
 def test_kl_in_the_reward():
     b = rl_batch(8)
-    kl_BT = k1(b["old"], b["ref"], b["mask"])
     m = np.asarray(b["mask"])
-    tok = sequence_to_token_rewards(b["rewards"], b["mask"])
-    got = kl_penalty_token_rewards(tok, kl_BT, b["mask"], beta=0.1)
+    seq_pen = lambda old: kl_penalty_sequence_rewards(b["rewards"], k1(old, b["ref"], b["mask"]), b["mask"], beta=0.1)
+
+    def run(d):
+        kl_BT = k1(d["old"], d["ref"], d["mask"])
+        tok = sequence_to_token_rewards(d["rewards"], d["mask"])
+        return (kl_BT, tok, kl_penalty_token_rewards(tok, kl_BT, d["mask"], beta=0.1), seq_pen(d["old"]),
+                jax.grad(lambda x: jnp.sum(seq_pen(x)))(d["old"]))
+
+    kl_BT, tok, got, seq, g = jcall(run, b)
     np.testing.assert_allclose(got, (np.asarray(tok) - 0.1 * np.asarray(kl_BT)) * m, rtol=1e-6, atol=1e-7)
-    seq = kl_penalty_sequence_rewards(b["rewards"], kl_BT, b["mask"], beta=0.1)
     # = r - beta (log pi(y) - log ref(y)) with k1; and the token version sums to the same per sequence
     want = np.asarray(b["rewards"]) - 0.1 * np.sum((np.asarray(b["old"]) - np.asarray(b["ref"])) * m, axis=-1)
     np.testing.assert_allclose(seq, want, rtol=1e-5, atol=1e-6)
     rows = m.sum(-1) > 0  # (a row without response tokens has nowhere to put its reward)
     np.testing.assert_allclose(jnp.sum(got, axis=-1)[rows], seq[rows], rtol=1e-5, atol=1e-6)
-    g = jax.grad(lambda x: jnp.sum(kl_penalty_sequence_rewards(b["rewards"], k1(x, b["ref"], b["mask"]), b["mask"],
-                                                               beta=0.1)))(b["old"])
-    np.testing.assert_array_equal(g, 0.0)
+    np.testing.assert_array_equal(g, 0.0)  # a reward: detached
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -471,9 +509,9 @@ def _ppo_case():
 
 def test_ppo_clip_by_hand():
     logp, old, adv, m = _ppo_case()
-    loss, metrics = ppo_clip(logp, old, adv, m, eps_low=0.2, eps_high=0.28, dual_clip=3.0)
+    f = lambda x: ppo_clip(x, old, adv, m, eps_low=0.2, eps_high=0.28, dual_clip=3.0)
+    (loss, metrics), g = jcall(lambda x: (f(x), jax.grad(lambda y: jnp.sum(f(y)[0]))(x)), logp)
     np.testing.assert_allclose(loss, [[-1.28, 1.5, 3.0, 0.8, -0.5]], rtol=1e-6)
-    g = jax.grad(lambda x: jnp.sum(ppo_clip(x, old, adv, m, eps_low=0.2, eps_high=0.28, dual_clip=3.0)[0]))(logp)
     np.testing.assert_allclose(g, [[0.0, 1.5, 0.0, 0.0, -0.5]], rtol=1e-6, atol=1e-7)
     mm = metric_means(metrics)
     np.testing.assert_allclose([mm["clip_frac_low"], mm["clip_frac_high"], mm["clip_frac"], mm["clip_frac_dual"]],
@@ -483,7 +521,7 @@ def test_ppo_clip_by_hand():
     np.testing.assert_allclose(mm["approx_kl"], np.mean(r - 1 - np.log(r)), rtol=1e-5)
     np.testing.assert_allclose(mm["approx_kl_k1"], np.mean(-np.log(r)), rtol=1e-5)
     # without dual-clip the ratio-4 token costs 4; symmetric eps 0.2 clips the first token at 1.2
-    loss, _ = ppo_clip(logp, old, adv, m)
+    loss, _ = jcall(lambda x: ppo_clip(x, old, adv, m), logp)
     np.testing.assert_allclose(loss, [[-1.2, 1.5, 4.0, 0.8, -0.5]], rtol=1e-6)
 
 
@@ -497,7 +535,8 @@ def test_ppo_clip_equals_verl_formula_on_random_tokens():
     clip1 = np.maximum(pg1, pg2)
     pg3 = -adv * c
     want = np.where(adv < 0, np.minimum(pg3, clip1), clip1) * m
-    got, metrics = ppo_clip(b["logp"], b["old"], b["adv_BT"], b["mask"], eps_low=el, eps_high=eh, dual_clip=c)
+    got, metrics = jcall(lambda x: ppo_clip(x, b["old"], b["adv_BT"], b["mask"], eps_low=el, eps_high=eh,
+                                            dual_clip=c), b["logp"])
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
     # verl's pg_clipfrac: the clipped term is the larger one
     np.testing.assert_allclose(metric_means(metrics)["clip_frac"], np.sum((pg2 > pg1) * m) / m.sum(), rtol=1e-6)
@@ -507,28 +546,29 @@ def test_ppo_clip_equals_verl_formula_on_random_tokens():
 def test_old_equals_new_gives_ratio_one_no_clipping_and_the_reinforce_gradient(name):
     b = rl_batch(10)
     adv = b["adv_B"] if name == "gspo_seq" else b["adv_BT"]
-    loss_fn = lambda x: aggregate_loss(get_policy_loss(name)(x, b["logp"], adv, b["mask"])[0], b["mask"],
-                                       mode="seq_mean_token_mean", denominator=7.0)
-    _, metrics = get_policy_loss(name)(b["logp"], b["logp"], adv, b["mask"])
+    obj = lambda f: lambda x: aggregate_loss(f(x, b["logp"], adv, b["mask"])[0], b["mask"],
+                                             mode="seq_mean_token_mean", denominator=7.0)
+    metrics, got, want = jcall(lambda x: (get_policy_loss(name)(x, x, adv, b["mask"])[1],
+                                          jax.grad(obj(get_policy_loss(name)))(x), jax.grad(obj(reinforce))(x)),
+                               b["logp"])
     mm = metric_means(metrics)
     np.testing.assert_allclose(mm["ratio"], 1.0, rtol=1e-6)
     np.testing.assert_allclose(mm["approx_kl"], 0.0, atol=1e-7)
     for k in ("clip_frac", "clip_frac_low", "clip_frac_high"):
         if k in mm:
             np.testing.assert_array_equal(mm[k], 0.0)
-    want = jax.grad(lambda x: aggregate_loss(reinforce(x, b["logp"], adv, b["mask"])[0], b["mask"],
-                                             mode="seq_mean_token_mean", denominator=7.0))(b["logp"])
     if name == "gspo_seq":  # gradient of the sequence mean: -A / |y| on every token of the sequence, times 1/|y|
         n = jnp.maximum(jnp.sum(b["mask"], -1, keepdims=True), 1.0)
         want = -b["adv_B"][:, None] * b["mask"] / n / 7.0
-    np.testing.assert_allclose(jax.grad(loss_fn)(b["logp"]), want, rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7)
 
 
 def test_reinforce_by_hand():
     lp, m = f32([[-1.0, -2.0, -0.5]]), f32([[1, 1, 0]])
-    loss, metrics = reinforce(lp, lp - 0.1, f32([2.0]), m)
+    (loss, metrics), g = jcall(lambda x: (reinforce(x, x - 0.1, f32([2.0]), m),
+                                          jax.grad(lambda y: jnp.sum(reinforce(y, x, f32([2.0]), m)[0]))(x)), lp)
     np.testing.assert_allclose(loss, [[2.0, 4.0, 0.0]])
-    np.testing.assert_allclose(jax.grad(lambda x: jnp.sum(reinforce(x, lp, f32([2.0]), m)[0]))(lp), [[-2, -2, 0]])
+    np.testing.assert_allclose(g, [[-2, -2, 0]])
     np.testing.assert_allclose(metric_means(metrics)["ratio"], math.exp(0.1), rtol=1e-6)
 
 
@@ -538,19 +578,27 @@ def test_gspo_by_hand():
     #   eps_high 0.2: clipped at 1.2, loss -1.2, no gradient
     lp, old, m = f32([[0.2, 0.4]]), jnp.zeros((1, 2)), jnp.ones((1, 2))
     s = math.exp(0.3)
-    for f in (gspo, gspo_seq):
-        loss, metrics = f(lp, old, f32([1.0]), m, eps_low=0.2, eps_high=0.5)
+    def run(x):
+        out = {}
+        for f in (gspo, gspo_seq):
+            for eh in (0.5, 0.2):
+                g = lambda y: f(y, old, f32([1.0]), m, eps_low=0.2, eps_high=eh)
+                out[f.__name__, eh] = g(x), jax.grad(lambda y: jnp.sum(g(y)[0]))(x)
+        return out
+
+    out = jcall(run, lp)
+    for f in ("gspo", "gspo_seq"):
+        (loss, metrics), _ = out[f, 0.5]
         np.testing.assert_allclose(loss, [[-s, -s]], rtol=1e-6)
         np.testing.assert_allclose(metric_means(metrics)["seq_ratio"], s, rtol=1e-6)
-        loss, metrics = f(lp, old, f32([1.0]), m, eps_low=0.2, eps_high=0.2)
+        (loss, metrics), g = out[f, 0.2]
         np.testing.assert_allclose(loss, [[-1.2, -1.2]], rtol=1e-6)
         np.testing.assert_allclose(metric_means(metrics)["clip_frac_high"], 1.0)
-        g = jax.grad(lambda x: jnp.sum(f(x, old, f32([1.0]), m, eps_low=0.2, eps_high=0.2)[0]))(lp)
         np.testing.assert_array_equal(g, 0.0)
-    g_tok = jax.grad(lambda x: jnp.sum(gspo(x, old, f32([1.0]), m, eps_low=0.2, eps_high=0.5)[0]))(lp)
-    np.testing.assert_allclose(g_tok, [[-s, -s]], rtol=1e-6)  # each token: -A sg(s) grad logp_t
-    g_seq = jax.grad(lambda x: jnp.mean(gspo_seq(x, old, f32([1.0]), m, eps_low=0.2, eps_high=0.5)[0]))(lp)
-    np.testing.assert_allclose(g_seq, [[-s / 2, -s / 2]], rtol=1e-6)  # grad of -s: -s x (1/2) per token
+    # token form, per token: -A sg(s) grad logp_t; sequence form: grad of -s = -s x (1/2) per token, both tokens
+    # carrying the same loss -s (the sum over the two tokens doubles it)
+    np.testing.assert_allclose(out["gspo", 0.5][1], [[-s, -s]], rtol=1e-6)
+    np.testing.assert_allclose(out["gspo_seq", 0.5][1], [[-s, -s]], rtol=1e-6)
 
 
 def test_gspo_token_and_sequence_forms_agree_under_seq_mean_token_mean():
@@ -559,16 +607,21 @@ def test_gspo_token_and_sequence_forms_agree_under_seq_mean_token_mean():
     b = rl_batch(11)
     logp = b["old"] + 0.02 * jnp.sign(b["logp"] - b["old"]) * b["mask"]  # some sequences inside, some outside
     den = loss_denominator(b["mask"], mode="seq_mean_token_mean")
-    for adv in (b["adv_B"], broadcast_to_tokens(b["adv_B"], b["mask"])):
-        vals = []
-        for f in (gspo, gspo_seq):
-            obj = lambda x: aggregate_loss(f(x, b["old"], adv, b["mask"], eps_low=0.01, eps_high=0.012)[0],
-                                           b["mask"], mode="seq_mean_token_mean", denominator=den)
-            vals.append(jax.value_and_grad(obj)(logp))
-        np.testing.assert_allclose(vals[0][0], vals[1][0], rtol=1e-6)
-        np.testing.assert_allclose(vals[0][1], vals[1][1], rtol=1e-5, atol=1e-8)
+
+    def run(x):
+        out = []
+        for adv in (b["adv_B"], broadcast_to_tokens(b["adv_B"], b["mask"])):
+            for f in (gspo, gspo_seq):
+                obj = lambda y: aggregate_loss(f(y, b["old"], adv, b["mask"], eps_low=0.01, eps_high=0.012)[0],
+                                               b["mask"], mode="seq_mean_token_mean", denominator=den)
+                out.append(jax.value_and_grad(obj)(x))
+        return out, gspo(x, b["old"], b["adv_B"], b["mask"], eps_low=0.01, eps_high=0.012)[1]
+
+    vals, metrics = jcall(run, logp)
+    for i in (0, 2):
+        np.testing.assert_allclose(vals[i][0], vals[i + 1][0], rtol=1e-6)
+        np.testing.assert_allclose(vals[i][1], vals[i + 1][1], rtol=1e-5, atol=1e-8)
     # and the per-sequence clip decisions are shared by all tokens: some sequences were clipped
-    _, metrics = gspo(logp, b["old"], b["adv_B"], b["mask"], eps_low=0.01, eps_high=0.012)
     assert 0 < float(metric_means(metrics)["clip_frac"]) < 1
 
 
@@ -576,35 +629,39 @@ def test_value_loss_by_hand():
     # V = 1, V_old = .5, R = 0, eps .2: clipped V = .7; max(1, .49) = 1 -> 0.5, gradient (V - R) = 1
     # V = .6, V_old = .5, R = 1, eps .05: clipped V = .55; max(.16, .2025) -> .10125, clipped: no gradient
     v, vo, r, m = f32([[1.0, 0.6, 7.0]]), f32([[0.5, 0.5, 0.0]]), f32([[0.0, 1.0, 0.0]]), f32([[1, 1, 0]])
-    loss, metrics = value_loss(v[:, :1], vo[:, :1], r[:, :1], m[:, :1], clip_eps=0.2)
-    np.testing.assert_allclose(loss, [[0.5]])
-    loss, metrics = value_loss(v, vo, r, m, clip_eps=0.05)
+    loss_02, (loss, metrics), g, loss_none = jcall(lambda x: (
+        value_loss(x, vo, r, m, clip_eps=0.2)[0], value_loss(x, vo, r, m, clip_eps=0.05),
+        jax.grad(lambda y: jnp.sum(value_loss(y, vo, r, m, clip_eps=0.05)[0]))(x),
+        value_loss(x, vo, r, m, clip_eps=None)[0]), v)
+    np.testing.assert_allclose(loss_02[0, 0], 0.5)
     np.testing.assert_allclose(loss, [[0.5, 0.10125, 0.0]], rtol=1e-6)
     np.testing.assert_allclose(metric_means(metrics)["vf_clip_frac"], 0.5)
-    g = jax.grad(lambda x: jnp.sum(value_loss(x, vo, r, m, clip_eps=0.05)[0]))(v)
     np.testing.assert_allclose(g, [[1.0, 0.0, 0.0]], atol=1e-7)
-    loss, _ = value_loss(v, vo, r, m, clip_eps=None)
-    np.testing.assert_allclose(loss, [[0.5, 0.08, 0.0]], rtol=1e-6)
+    np.testing.assert_allclose(loss_none, [[0.5, 0.08, 0.0]], rtol=1e-6)
 
 
 def test_entropy_bonus_and_aggregations_by_hand():
     ent, m = f32([[1.0, 2.0, 9.0], [3.0, 9.0, 9.0]]), f32([[1, 1, 0], [1, 0, 0]])
-    np.testing.assert_allclose(entropy_bonus(ent, m, coef=0.1), [[-.1, -.2, 0], [-.3, 0, 0]], rtol=1e-6)
     # per-token losses [[1, 2, junk], [3, junk, junk]] plus an empty padding row
     loss = f32([[1.0, 2.0, 50.0], [3.0, 50.0, 50.0], [50.0, 50.0, 50.0]])
     mask = f32([[1, 1, 0], [1, 0, 0], [0, 0, 0]])
     # token_mean (1 + 2 + 3) / 3 = 2; seq_mean_token_mean ((1 + 2) / 2 + 3) / 2 = 2.25;
     # seq_mean_token_sum_norm (3 + 3) / (2 sequences x 16) = 0.1875
-    for mode, num, den, want in (("token_mean", 6.0, 3.0, 2.0), ("seq_mean_token_mean", 4.5, 2.0, 2.25),
-                                 ("seq_mean_token_sum_norm", 6.0, 32.0, 0.1875)):
-        n, d = get_loss_aggregation(mode)(loss, mask, max_length=MAX_LEN)
-        np.testing.assert_allclose([n, d], [num, den], err_msg=mode)
-        assert float(loss_denominator(mask, mode=mode, max_length=MAX_LEN)) == den
-        np.testing.assert_allclose(aggregate_loss(loss, mask, mode=mode, denominator=den), want, rtol=1e-6)
-    # an empty batch gives 0, not NaN
+    cases = (("token_mean", 6.0, 3.0, 2.0), ("seq_mean_token_mean", 4.5, 2.0, 2.25),
+             ("seq_mean_token_sum_norm", 6.0, 32.0, 0.1875))
     z = jnp.zeros((2, 3))
-    assert float(aggregate_loss(loss[:2], z, mode="token_mean", denominator=loss_denominator(z, mode="token_mean"))) \
-        == 0.0
+    bonus, got, empty = jcall(lambda loss, mask, ent: (
+        entropy_bonus(ent, m, coef=0.1),
+        [(get_loss_aggregation(mode)(loss, mask, max_length=MAX_LEN),
+          loss_denominator(mask, mode=mode, max_length=MAX_LEN),
+          aggregate_loss(loss, mask, mode=mode, denominator=den)) for mode, _, den, _ in cases],
+        aggregate_loss(loss[:2], z, mode="token_mean", denominator=loss_denominator(z, mode="token_mean"))),
+        loss, mask, ent)
+    np.testing.assert_allclose(bonus, [[-.1, -.2, 0], [-.3, 0, 0]], rtol=1e-6)
+    for (mode, num, den, want), ((n, d), d2, value) in zip(cases, got):
+        np.testing.assert_allclose([n, d, d2], [num, den, den], err_msg=mode)
+        np.testing.assert_allclose(value, want, rtol=1e-6, err_msg=mode)
+    assert float(empty) == 0.0  # an empty batch gives 0, not NaN
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -631,103 +688,132 @@ def _objective(name, mode, den, old, ref, adv, mask, ent):
     return f
 
 
-def _split_run(b, name, mode, bounds):
-    """Sum of the micro-batch contributions (global denominator from the micro-batches' masks) and their gradients."""
-    den = sum(loss_denominator(b["mask"][lo:hi], mode=mode, max_length=MAX_LEN) for lo, hi in bounds)
-    total, grads = 0.0, []
+@functools.cache
+def _contributions(name):
+    """jit: for every mode, the contribution and gradient of one micro-batch given the global denominators [3]."""
+
+    def f(logp, old, ref, adv, mask, ent, dens):
+        return {mode: jax.value_and_grad(_objective(name, mode, dens[i], old, ref, adv, mask, ent))(logp)
+                for i, mode in enumerate(MODES)}
+
+    return jit(f)
+
+
+def _denominators(mask):
+    return jnp.stack([loss_denominator(mask, mode=mode, max_length=MAX_LEN) for mode in MODES])
+
+
+def _split_run(b, name, bounds, *, local_denominators=False):
+    """Per mode: the sum of the micro-batch contributions and their concatenated gradients. The global denominators
+    are summed from the micro-batches' masks (or, to show the bug, each micro-batch uses its own)."""
+    dens = sum(_denominators(b["mask"][lo:hi]) for lo, hi in bounds)
     adv = b["adv_B"] if name == "gspo_seq" else b["adv_BT"]
+    parts = []
     for lo, hi in bounds:
         sl = lambda x: x[lo:hi]
-        v, g = jax.value_and_grad(_objective(name, mode, den, sl(b["old"]), sl(b["ref"]), sl(adv), sl(b["mask"]),
-                                             sl(b["entropy"])))(sl(b["logp"]))
-        total, grads = total + v, grads + [g]
-    return total, jnp.concatenate(grads)
+        d = _denominators(sl(b["mask"])) if local_denominators else dens
+        parts.append(_contributions(name)(sl(b["logp"]), sl(b["old"]), sl(b["ref"]), sl(adv), sl(b["mask"]),
+                                          sl(b["entropy"]), d))
+    return {mode: (sum(p[mode][0] for p in parts), jnp.concatenate([p[mode][1] for p in parts])) for mode in MODES}
 
 
 SPLITS = {1: [(0, 8)], 2: [(0, 4), (4, 8)], 4: [(0, 2), (2, 4), (4, 6), (6, 8)], "uneven": [(0, 2), (2, 6), (6, 8)]}
 
 
-@pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("name", list(POLICY_CASES))
-def test_loss_and_gradient_invariant_to_micro_batch_split(name, mode):
+def test_loss_and_gradient_invariant_to_micro_batch_split(name):
+    """For every aggregation mode: 1, 2, 4 and an uneven split into micro-batches give the full-batch loss and
+    gradient (w.r.t. the new log-probs), with the policy loss, a KL term and an entropy bonus together."""
     b = rl_batch(12)
-    full_v, full_g = _split_run(b, name, mode, SPLITS[1])
-    assert np.all(np.isfinite(full_g)) and float(jnp.max(jnp.abs(full_g))) > 0
+    full = _split_run(b, name, SPLITS[1])
+    for mode in MODES:
+        full_v, full_g = full[mode]
+        assert np.all(np.isfinite(full_g)) and float(jnp.max(jnp.abs(full_g))) > 0
+        # the gradient vanishes on masked tokens (padding garbage never leaks)
+        np.testing.assert_array_equal(np.asarray(full_g)[np.asarray(b["mask"]) == 0], 0.0)
     for key in (2, 4, "uneven"):
-        v, g = _split_run(b, name, mode, SPLITS[key])
-        np.testing.assert_allclose(v, full_v, rtol=1e-5, atol=1e-7, err_msg=f"{name} {mode} {key}")
-        np.testing.assert_allclose(g, full_g, rtol=1e-5, atol=1e-8, err_msg=f"{name} {mode} {key}")
-    # the gradient vanishes on masked tokens (padding garbage never leaks)
-    np.testing.assert_array_equal(np.asarray(full_g)[np.asarray(b["mask"]) == 0], 0.0)
+        split = _split_run(b, name, SPLITS[key])
+        for mode in MODES:
+            np.testing.assert_allclose(split[mode][0], full[mode][0], rtol=1e-5, atol=1e-7,
+                                       err_msg=f"{name} {mode} {key}")
+            np.testing.assert_allclose(split[mode][1], full[mode][1], rtol=1e-5, atol=1e-8,
+                                       err_msg=f"{name} {mode} {key}")
 
 
-@pytest.mark.parametrize("mode", MODES)
-def test_full_batch_values_equal_the_mode_definitions(mode):
-    """The full-batch value, from numpy: the mode's definition applied to the per-token objective."""
+def test_full_batch_values_equal_the_mode_definitions():
+    """The full-batch value, from numpy: each mode's definition applied to the per-token objective."""
     b = rl_batch(13)
-    v, _ = _split_run(b, "ppo", mode, SPLITS[1])
-    l_BT, _ = ppo_clip(b["logp"], b["old"], b["adv_BT"], b["mask"], **POLICY_CASES["ppo"])
-    l = np.asarray(l_BT + kl_loss(b["logp"], b["ref"], b["mask"], beta=0.04)
-                   + entropy_bonus(b["entropy"], b["mask"], coef=1e-3), np.float64)
+    full = _split_run(b, "ppo", SPLITS[1])
+    l_BT = jcall(lambda lp: ppo_clip(lp, b["old"], b["adv_BT"], b["mask"], **POLICY_CASES["ppo"])[0]
+                 + kl_loss(lp, b["ref"], b["mask"], beta=0.04) + entropy_bonus(b["entropy"], b["mask"], coef=1e-3),
+                 b["logp"])
+    l = np.asarray(l_BT, np.float64)
     m = np.asarray(b["mask"], np.float64)
     rows = m.sum(-1) > 0
     want = {"token_mean": (l * m).sum() / m.sum(),
             "seq_mean_token_mean": np.mean([(l[i] * m[i]).sum() / m[i].sum() for i in np.nonzero(rows)[0]]),
-            "seq_mean_token_sum_norm": (l * m).sum() / (rows.sum() * MAX_LEN)}[mode]
-    np.testing.assert_allclose(float(v), want, rtol=1e-5)
+            "seq_mean_token_sum_norm": (l * m).sum() / (rows.sum() * MAX_LEN)}
+    for mode in MODES:
+        np.testing.assert_allclose(float(full[mode][0]), want[mode], rtol=1e-5, err_msg=mode)
 
 
 def test_a_mean_of_micro_batch_means_would_be_wrong():
-    """The bug this design rules out: averaging per-micro-batch token means weights tokens unequally when the
-    micro-batches hold different numbers of tokens (TRL and veRL, 2025). Here the split result is exact (above),
-    and the naive alternative visibly differs."""
+    """The bug this design rules out: averaging per-micro-batch means weights tokens (or sequences) unequally when
+    the micro-batches hold different numbers of them (the gradient-accumulation bug of TRL and veRL, 2025). With
+    global denominators the split is exact (above); the naive alternative visibly differs."""
     b = rl_batch(14)
-    mode, bounds = "token_mean", SPLITS[2]
-    exact, _ = _split_run(b, "ppo", mode, SPLITS[1])
-    naive = 0.0
-    for lo, hi in bounds:
-        local = loss_denominator(b["mask"][lo:hi], mode=mode)
-        naive += _objective("ppo", mode, local, b["old"][lo:hi], b["ref"][lo:hi], b["adv_BT"][lo:hi],
-                            b["mask"][lo:hi], b["entropy"][lo:hi])(b["logp"][lo:hi]) / len(bounds)
-    assert abs(float(naive) - float(exact)) > 1e-3
+    exact = _split_run(b, "ppo", SPLITS[1])
+    naive = _split_run(b, "ppo", SPLITS[2], local_denominators=True)
+    for mode in ("token_mean", "seq_mean_token_mean"):
+        assert abs(float(naive[mode][0]) / 2 - float(exact[mode][0])) > 1e-3, mode
+        assert float(jnp.max(jnp.abs(naive[mode][1] / 2 - exact[mode][1]))) > 1e-4, mode
 
 
-@pytest.mark.parametrize("mode", MODES)
-def test_value_loss_invariant_to_micro_batch_split(mode):
+def test_value_loss_invariant_to_micro_batch_split():
     b = rl_batch(15)
 
+    @jit
+    def contribution(v, v_old, ret, mask, dens):
+        return {mode: jax.value_and_grad(lambda x: aggregate_loss(
+            value_loss(x, v_old, ret, mask, clip_eps=0.2)[0], mask, mode=mode, denominator=dens[i]))(v)
+            for i, mode in enumerate(MODES)}
+
     def run(bounds):
-        den = sum(loss_denominator(b["mask"][lo:hi], mode=mode, max_length=MAX_LEN) for lo, hi in bounds)
-        outs = [jax.value_and_grad(lambda v: aggregate_loss(
-            value_loss(v, b["old_values"][lo:hi], b["returns"][lo:hi], b["mask"][lo:hi], clip_eps=0.2)[0],
-            b["mask"][lo:hi], mode=mode, denominator=den))(b["values"][lo:hi]) for lo, hi in bounds]
-        return sum(v for v, _ in outs), jnp.concatenate([g for _, g in outs])
+        dens = sum(_denominators(b["mask"][lo:hi]) for lo, hi in bounds)
+        outs = [contribution(*(b[k][lo:hi] for k in ("values", "old_values", "returns", "mask")), dens)
+                for lo, hi in bounds]
+        return {m: (sum(o[m][0] for o in outs), jnp.concatenate([o[m][1] for o in outs])) for m in MODES}
 
-    full_v, full_g = run(SPLITS[1])
+    full = run(SPLITS[1])
     for key in (2, 4, "uneven"):
-        v, g = run(SPLITS[key])
-        np.testing.assert_allclose(v, full_v, rtol=1e-5)
-        np.testing.assert_allclose(g, full_g, rtol=1e-5, atol=1e-8)
+        split = run(SPLITS[key])
+        for mode in MODES:
+            np.testing.assert_allclose(split[mode][0], full[mode][0], rtol=1e-5, err_msg=mode)
+            np.testing.assert_allclose(split[mode][1], full[mode][1], rtol=1e-5, atol=1e-8, err_msg=mode)
 
 
-@pytest.mark.parametrize("mode", MODES)
-def test_four_devices_with_psum_equal_the_full_batch(mode):
-    """Data parallelism over 4 emulated devices: each device psums its denominator, computes its contribution and
-    gradient; the psum of the contributions and the gathered gradients equal the single-device full batch."""
+def test_four_devices_with_psum_equal_the_full_batch():
+    """Data parallelism over 4 emulated devices, every mode: each device psums its denominator, computes its
+    contribution and gradient; the psum of the contributions and the gathered gradients equal the full batch."""
     mesh = Mesh(np.array(jax.devices()[:4]), ("data",))
     b = rl_batch(16)
     keys = ("logp", "old", "ref", "adv_BT", "mask", "entropy")
 
     def per_device(logp, old, ref, adv, mask, ent):
-        den = jax.lax.psum(loss_denominator(mask, mode=mode, max_length=MAX_LEN), "data")
-        v, g = jax.value_and_grad(_objective("ppo", mode, den, old, ref, adv, mask, ent))(logp)
-        return jax.lax.psum(v, "data"), g
+        out = []
+        for mode in MODES:
+            den = jax.lax.psum(loss_denominator(mask, mode=mode, max_length=MAX_LEN), "data")
+            v, g = jax.value_and_grad(_objective("ppo", mode, den, old, ref, adv, mask, ent))(logp)
+            out.append((jax.lax.psum(v, "data"), g))
+        return out
 
-    sharded = jax.jit(jax.shard_map(per_device, mesh=mesh, in_specs=(P("data"),) * 6, out_specs=(P(), P("data"))))
-    v, g = sharded(*(b[k] for k in keys))
-    full_v, full_g = _split_run(b, "ppo", mode, SPLITS[1])
-    np.testing.assert_allclose(v, full_v, rtol=1e-5)
-    np.testing.assert_allclose(g, full_g, rtol=1e-5, atol=1e-8)
+    sharded = jit(jax.shard_map(per_device, mesh=mesh, in_specs=(P("data"),) * 6,
+                                    out_specs=[(P(), P("data"))] * len(MODES)))
+    got = sharded(*(b[k] for k in keys))
+    full = _split_run(b, "ppo", SPLITS[1])
+    for mode, (v, g) in zip(MODES, got):
+        np.testing.assert_allclose(v, full[mode][0], rtol=1e-5, err_msg=mode)
+        np.testing.assert_allclose(g, full[mode][1], rtol=1e-5, atol=1e-8, err_msg=mode)
 
 
 def test_batch_statistics_under_shard_map_equal_the_full_batch():
@@ -736,16 +822,18 @@ def test_batch_statistics_under_shard_map_equal_the_full_batch():
     r = f32(np.random.default_rng(17).integers(0, 3, 16))
     b = rl_batch(18)
     tok_r = sequence_to_token_rewards(b["rewards"], b["mask"])
+    want = jcall(lambda r, t, m: (grpo(r, group_size=4, scale="batch"), reinforce_pp(t, m, gamma=0.9)[0]),
+                 r, tok_r, b["mask"])
 
     def per_device(r, tok_r, mask):
         a = grpo(r, group_size=4, scale="batch", axis_name="data")
         adv, _ = reinforce_pp(tok_r, mask, gamma=0.9, axis_name="data")
         return a, adv
 
-    f = jax.jit(jax.shard_map(per_device, mesh=mesh, in_specs=(P("data"),) * 3, out_specs=(P("data"), P("data"))))
+    f = jit(jax.shard_map(per_device, mesh=mesh, in_specs=(P("data"),) * 3, out_specs=(P("data"), P("data"))))
     a, adv = f(r, tok_r, b["mask"])
-    np.testing.assert_allclose(a, grpo(r, group_size=4, scale="batch"), rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(adv, reinforce_pp(tok_r, b["mask"], gamma=0.9)[0], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(a, want[0], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(adv, want[1], rtol=1e-5, atol=1e-6)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -754,7 +842,8 @@ def test_batch_statistics_under_shard_map_equal_the_full_batch():
 
 def test_jit_equals_eager():
     b = rl_batch(19)
-    for name, hyper in POLICY_CASES.items():
+    for name in ("ppo",):  # (eager mode compiles op by op: one loss is enough here, the rest runs under jit)
+        hyper = POLICY_CASES[name]
         adv = b["adv_B"] if name == "gspo_seq" else b["adv_BT"]
         f = lambda lp: get_policy_loss(name)(lp, b["old"], adv, b["mask"], **hyper)
         eager, jitted = f(b["logp"]), jax.jit(f)(b["logp"])
@@ -766,58 +855,68 @@ def test_jit_equals_eager():
         np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-6)
 
 
-@pytest.mark.parametrize("name", list(POLICY_CASES))
-def test_gradients_match_finite_differences_float32(name):
-    # a point away from the clip boundaries (ratios within +-5% of 1; the GSPO bounds are widened to contain them).
-    # GSPO-token's gradient is by design not the derivative of its value when advantages vary within a sequence
-    # (each token gets -A_t sg(s) grad logp_t): with one advantage per sequence the two agree, so GSPO gets those.
+def test_gradients_match_finite_differences_float32():
+    """Every policy loss (one check per loss, as separate outputs of one function) and the value loss, at a point
+    away from the clip boundaries (ratios within +-5% of 1; the GSPO bounds are widened to contain them).
+    GSPO-token's gradient is by design not the derivative of its value when advantages vary within a sequence (each
+    token gets -A_t sg(s) grad logp_t): with one advantage per sequence the two agree, so GSPO gets those."""
     b = rl_batch(20)
     logp = b["old"] + 0.03 * jnp.tanh(b["logp"] - b["old"]) * b["mask"]
-    hyper = dict(POLICY_CASES[name], **({"eps_low": 0.2, "eps_high": 0.3} if "gspo" in name else {}))
-    adv = b["adv_B"] if "gspo" in name else b["adv_BT"]
-    f = lambda lp: aggregate_loss(get_policy_loss(name)(lp, b["old"], adv, b["mask"], **hyper)[0], b["mask"],
-                                  mode="token_mean", denominator=21.0)
-    check_grads(f, (logp,), order=1, modes=("rev",), eps=1e-2, atol=2e-2, rtol=2e-2)
+    values = jnp.where(b["mask"] > 0, b["values"], 0.0)
+
+    def f(lp, v):
+        out = []
+        for name in POLICY_CASES:
+            hyper = dict(POLICY_CASES[name], **({"eps_low": 0.2, "eps_high": 0.3} if "gspo" in name else {}))
+            adv = b["adv_B"] if "gspo" in name else b["adv_BT"]
+            out.append(aggregate_loss(get_policy_loss(name)(lp, b["old"], adv, b["mask"], **hyper)[0], b["mask"],
+                                      mode="token_mean", denominator=21.0))
+        out.append(aggregate_loss(value_loss(v, b["old_values"], b["returns"], b["mask"], clip_eps=5.0)[0],
+                                  b["mask"], mode="token_mean", denominator=21.0))
+        return jnp.stack(out)
+
+    check_grads(jax.jit(f), (logp, values), order=1, modes=("rev",), eps=1e-2, atol=2e-2, rtol=2e-2)
 
 
-def test_value_loss_gradient_matches_finite_differences():
-    b = rl_batch(21)
-    f = lambda v: aggregate_loss(value_loss(v, b["old_values"], b["returns"], b["mask"], clip_eps=5.0)[0],
-                                 b["mask"], mode="token_mean", denominator=21.0)
-    check_grads(f, (jnp.where(b["mask"] > 0, b["values"], 0.0),), order=1, modes=("rev",), eps=1e-2, atol=2e-2,
-                rtol=2e-2)
-
-
-@pytest.mark.parametrize("name", list(POLICY_CASES))
-def test_masked_equals_sliced_and_gradients_finite_under_garbage(name):
-    """Padding columns holding inf / -inf / huge values change neither the loss nor the gradient of the real tokens,
-    and give zero (finite) gradients themselves."""
+def test_masked_equals_sliced_and_gradients_finite_under_garbage():
+    """Padding columns holding inf / -inf / huge values change neither the loss nor the gradient of the real tokens
+    (every policy loss, every mode), and give zero (finite) gradients themselves."""
     b = rl_batch(22)
-    adv = b["adv_B"] if name == "gspo_seq" else b["adv_BT"]
-    hyper = POLICY_CASES[name]
     pad = lambda x, v: jnp.concatenate([x, jnp.full((x.shape[0], 3), v, x.dtype)], axis=1)
-    m_pad = pad(b["mask"], 0.0)
-    adv_pad = adv if adv.ndim == 1 else pad(adv, 1e30)
-    for mode in MODES:
-        obj = lambda lp, old, a, m: aggregate_loss(get_policy_loss(name)(lp, old, a, m, **hyper)[0], m, mode=mode,
-                                                   denominator=loss_denominator(m, mode=mode, max_length=MAX_LEN))
-        v0, g0 = jax.value_and_grad(obj)(b["logp"], b["old"], adv, b["mask"])
-        v1, g1 = jax.value_and_grad(obj)(pad(b["logp"], 1e30), pad(b["old"], -jnp.inf), adv_pad, m_pad)
-        np.testing.assert_allclose(v1, v0, rtol=1e-6, err_msg=f"{name} {mode}")
-        np.testing.assert_allclose(g1[:, :-3], g0, rtol=1e-6, atol=1e-9)
+
+    def obj(lp, old, adv_BT, m, name, mode):
+        adv = b["adv_B"] if name == "gspo_seq" else adv_BT
+        return aggregate_loss(get_policy_loss(name)(lp, old, adv, m, **POLICY_CASES[name])[0], m, mode=mode,
+                              denominator=loss_denominator(m, mode=mode, max_length=MAX_LEN))
+
+    run = jit(lambda *args: {(name, mode): jax.value_and_grad(obj)(*args, name, mode)
+                             for name in POLICY_CASES for mode in MODES})
+    plain = run(b["logp"], b["old"], b["adv_BT"], b["mask"])
+    padded = run(pad(b["logp"], 1e30), pad(b["old"], -jnp.inf), pad(b["adv_BT"], 1e30), pad(b["mask"], 0.0))
+    for key in plain:
+        (v0, g0), (v1, g1) = plain[key], padded[key]
+        np.testing.assert_allclose(v1, v0, rtol=1e-6, err_msg=str(key))
+        np.testing.assert_allclose(g1[:, :-3], g0, rtol=1e-6, atol=1e-9, err_msg=str(key))
         np.testing.assert_array_equal(g1[:, -3:], 0.0)
 
 
 def test_metrics_carry_no_gradient_and_sum_over_micro_batches():
     b = rl_batch(23)
-    for name, hyper in POLICY_CASES.items():
+
+    def metrics(name, lp, lo=0, hi=8):
         adv = b["adv_B"] if name == "gspo_seq" else b["adv_BT"]
-        total = lambda lp: sum(s + n for s, n in get_policy_loss(name)(lp, b["old"], adv, b["mask"], **hyper)[1]
-                               .values())
-        np.testing.assert_array_equal(jax.grad(total)(b["logp"]), 0.0)
-        full = get_policy_loss(name)(b["logp"], b["old"], adv, b["mask"], **hyper)[1]
-        parts = [get_policy_loss(name)(b["logp"][lo:hi], b["old"][lo:hi], adv[lo:hi], b["mask"][lo:hi], **hyper)[1]
-                 for lo, hi in SPLITS["uneven"]]
+        return get_policy_loss(name)(lp[lo:hi], b["old"][lo:hi], adv[lo:hi], b["mask"][lo:hi],
+                                     **POLICY_CASES[name])[1]
+
+    def run(lp):
+        total = lambda x: sum(s + n for name in POLICY_CASES for s, n in metrics(name, x).values())
+        return jax.grad(total)(lp), {name: (metrics(name, lp), [metrics(name, lp, lo, hi)
+                                                                for lo, hi in SPLITS["uneven"]])
+                                     for name in POLICY_CASES}
+
+    g, out = jcall(run, b["logp"])
+    np.testing.assert_array_equal(g, 0.0)
+    for name, (full, parts) in out.items():
         summed = jax.tree.map(lambda *xs: sum(xs), *parts)
         for k in full:
             np.testing.assert_allclose(summed[k], full[k], rtol=1e-5, atol=1e-6, err_msg=f"{name} {k}")
@@ -826,14 +925,17 @@ def test_metrics_carry_no_gradient_and_sum_over_micro_batches():
 def test_bfloat16_inputs_compute_in_float32():
     b = rl_batch(24)
     bf = {k: v.astype(jnp.bfloat16) for k, v in b.items()}
-    loss, metrics = ppo_clip(bf["logp"], bf["old"], bf["adv_BT"], bf["mask"])
-    assert loss.dtype == jnp.float32 and all(s.dtype == jnp.float32 for s, _ in metrics.values())
     up = {k: v.astype(jnp.float32) for k, v in bf.items()}
-    np.testing.assert_allclose(loss, ppo_clip(up["logp"], up["old"], up["adv_BT"], up["mask"])[0], rtol=1e-6)
-    assert grpo(bf["rewards"], group_size=4).dtype == jnp.float32
-    assert gae(bf["returns"], bf["mask"], values_BT=bf["values"])[0].dtype == jnp.float32
-    assert k3(bf["logp"], bf["ref"]).dtype == jnp.float32
-    assert value_loss(bf["values"], bf["old_values"], bf["returns"], bf["mask"])[0].dtype == jnp.float32
+    ppo = lambda d: ppo_clip(d["logp"], d["old"], d["adv_BT"], d["mask"])
+    (loss, metrics), loss32 = jcall(lambda d, u: (ppo(d), ppo(u)[0]), bf, up)
+    assert loss.dtype == jnp.float32 and all(s.dtype == jnp.float32 for s, _ in metrics.values())
+    np.testing.assert_allclose(loss, loss32, rtol=1e-6)
+    outs = jax.eval_shape(lambda d: (grpo(d["rewards"], group_size=4), gae(d["returns"], d["mask"],
+                                                                          values_BT=d["values"]),
+                                     reinforce_pp(d["returns"], d["mask"]), k3(d["logp"], d["ref"]),
+                                     value_loss(d["values"], d["old_values"], d["returns"], d["mask"])[0],
+                                     gspo(d["logp"], d["old"], d["adv_B"], d["mask"])[0]), bf)
+    assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(outs))
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -855,12 +957,20 @@ def test_registries_and_unknown_names():
             get("no_such_thing")
         assert all(name in str(e.value) for name in table)
     # uniform calls
-    r, b = f32(TWO_GROUPS), rl_batch(25)
-    for name in SEQUENCE_LEVEL_ESTIMATORS:
-        assert get_advantage_estimator(name)(r, group_size=4, mask_B=None).shape == (8,)
-    tok_r = sequence_to_token_rewards(b["rewards"], b["mask"])
-    assert get_advantage_estimator("reinforce_pp")(tok_r, b["mask"])[0].shape == (8, 6)
-    assert get_advantage_estimator("gae")(tok_r, b["mask"], values_BT=b["values"])[1].shape == (8, 6)
+    b = rl_batch(25)
+
+    def calls(d):
+        tok_r = sequence_to_token_rewards(d["rewards"], d["mask"])
+        return ([get_advantage_estimator(n)(d["rewards"], group_size=4, mask_B=None)
+                 for n in sorted(SEQUENCE_LEVEL_ESTIMATORS)],
+                get_advantage_estimator("reinforce_pp")(tok_r, d["mask"]),
+                get_advantage_estimator("gae")(tok_r, d["mask"], values_BT=d["values"]),
+                [get_policy_loss(n)(d["logp"], d["old"], d["adv_B"], d["mask"])[0] for n in sorted(POLICY_LOSSES)],
+                [get_kl_estimator(n)(d["logp"], d["ref"], d["mask"]) for n in sorted(KL_ESTIMATORS)])
+
+    seq, rpp, g, pol, kls = jax.eval_shape(calls, b)
+    assert all(x.shape == (8,) for x in seq)
+    assert all(x.shape == (8, 6) for x in (*rpp, *g, *pol, *kls))
 
 
 def test_bad_arguments_are_reported():
