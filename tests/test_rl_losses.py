@@ -759,7 +759,7 @@ def test_full_batch_values_equal_the_mode_definitions():
 
 def test_a_mean_of_micro_batch_means_would_be_wrong():
     """The bug this design rules out: averaging per-micro-batch means weights tokens (or sequences) unequally when
-    the micro-batches hold different numbers of them (the gradient-accumulation bug of TRL and veRL, 2025). With
+    the micro-batches hold different numbers of them (the gradient-accumulation bug that hit TRL and veRL). With
     global denominators the split is exact (above); the naive alternative visibly differs."""
     b = rl_batch(14)
     exact = _split_run(b, "ppo", SPLITS[1])

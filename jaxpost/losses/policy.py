@@ -15,8 +15,9 @@ is the *global* denominator of the whole step's batch, ``loss_denominator(mask_B
 parallelism: the psum of the per-device values; over micro-batches: their sum; it depends on the masks only, so the
 step computes it before the first micro-batch). Each micro-batch then contributes numerator / D, and the sum of the
 contributions and of their gradients over any split into micro-batches and devices is the full-batch loss and
-gradient, exactly. This makes the gradient-accumulation normalisation bug (a mean of per-micro-batch means, fixed in
-TRL and veRL in 2025) impossible by construction. Modes (``LOSS_AGGREGATIONS``):
+gradient, exactly. This makes the gradient-accumulation normalisation bug that hit TRL and veRL (a mean of
+per-micro-batch means, which weights tokens by the inverse size of their micro-batch) impossible by construction.
+Modes (``LOSS_AGGREGATIONS``):
 
 * ``token_mean``: sum over all response tokens of l_t / (response tokens in the global batch). DAPO's token-level
   loss (Yu et al. 2025, arXiv:2503.14476, Eq. 12); TRL ``loss_type="dapo"`` (global ``num_items_in_batch``); verl
