@@ -4,16 +4,11 @@ then a held-out evaluation of its greedy answers. A few minutes on a laptop CPU.
     python -m experiments.quickstart --workdir runs/quickstart
 """
 
+from experiments import sft_arith
 from jaxpost import cli
-from jaxpost.config import DataConfig, ModelConfig, OptimConfig
 from jaxpost.recipes import sft
 
-CONFIG = sft.SFTConfig(
-    steps=200,
-    model=ModelConfig.qwen3_bench(vocab_size=128),
-    data=DataConfig(seq_len=64, batch_size=32),
-    optim=OptimConfig(lr=3e-3, warmup_steps=20),
-)
+CONFIG = sft_arith.CONFIG  # 300 steps of 32 x 64 tokens, lr 3e-3
 
 
 def main(cfg: sft.SFTConfig, workdir: str) -> None:
