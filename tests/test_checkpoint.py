@@ -1,6 +1,5 @@
 """Exact resume, kill-safety and resharding on restore."""
 
-import dataclasses
 import json
 import os
 import signal
