@@ -121,21 +121,25 @@ class _TokenizeExample:
 
 
 class _FilterAndCountIterator(grain.DatasetIterator):
-    """Drops tagged examples and counts them; the counters are part of the (checkpointable) iterator state."""
+    """Drops tagged examples and counts them; the counters are part of the (checkpointable) iterator state.
 
-    def __init__(self, parent: grain.DatasetIterator):
+    Elements carry a "status": "ok" / "truncated" pass (the latter counted), any other status names the counter of
+    a drop. Passing elements lose their status; with `keep_keys` only those fields are passed on."""
+
+    def __init__(self, parent: grain.DatasetIterator, stats_keys: tuple[str, ...],
+                 keep_keys: tuple[str, ...] | None):
         super().__init__(parent)
-        self.counts = dict.fromkeys(STATS_KEYS, 0)
+        self._stats_keys, self._keep_keys = stats_keys, keep_keys
+        self.counts = dict.fromkeys(stats_keys, 0)
 
-    def __next__(self) -> dict[str, np.ndarray]:
+    def __next__(self) -> dict[str, Any]:
         while True:
-            element = next(self._parent)
+            element = dict(next(self._parent))
             self.counts["examples_seen"] += 1
-            status = element["status"]
+            status = element.pop("status")
             if status in (_KEEP, _KEEP_TRUNCATED):
-                if status == _KEEP_TRUNCATED:
-                    self.counts["truncated"] += 1
-                return {"inputs": element["inputs"], "targets": element["targets"], "loss_mask": element["loss_mask"]}
+                self.counts["truncated"] += int(status == _KEEP_TRUNCATED)
+                return element if self._keep_keys is None else {k: element[k] for k in self._keep_keys}
             self.counts[status] += 1
 
     def get_state(self) -> dict[str, Any]:
@@ -143,21 +147,24 @@ class _FilterAndCountIterator(grain.DatasetIterator):
 
     def set_state(self, state: dict[str, Any]) -> None:
         self._parent.set_state(state["parent"])
-        self.counts = {k: int(state["counts"][k]) for k in STATS_KEYS}
+        self.counts = {k: int(state["counts"][k]) for k in self._stats_keys}
 
     def __str__(self) -> str:
         return "FilterAndCountIterator"
 
 
 class _FilterAndCountIterDataset(grain.IterDataset):
-    """See `_FilterAndCountIterator`. Remembers its latest iterator so `SFTIterator` can read the counters."""
+    """See `_FilterAndCountIterator`. Remembers its latest iterator so the iterator wrapper (`SFTIterator`, the
+    preference iterators) can read the counters."""
 
-    def __init__(self, parent: grain.IterDataset):
+    def __init__(self, parent: grain.IterDataset, *, stats_keys: tuple[str, ...] = STATS_KEYS,
+                 keep_keys: tuple[str, ...] | None = ("inputs", "targets", "loss_mask")):
         super().__init__(parent)
+        self._stats_keys, self._keep_keys = stats_keys, keep_keys
         self.latest_iterator: _FilterAndCountIterator | None = None
 
     def __iter__(self) -> _FilterAndCountIterator:
-        iterator = _FilterAndCountIterator(self._parent.__iter__())
+        iterator = _FilterAndCountIterator(self._parent.__iter__(), self._stats_keys, self._keep_keys)
         self.latest_iterator = iterator
         return iterator
 

@@ -61,7 +61,7 @@ import grain
 import jax
 import numpy as np
 
-from jaxpost.data.pipeline import _empty_rows
+from jaxpost.data.pipeline import _KEEP, _KEEP_TRUNCATED, _FilterAndCountIterDataset, _empty_rows
 from jaxpost.data.sources import DataError, FunctionSource, _json_type_name, read_jsonl
 from jaxpost.data.tasks import DEFAULT_SOURCE_LENGTH, Task
 from jaxpost.tokenizer import Tokenizer, validate_messages
@@ -91,8 +91,6 @@ Messages = list[dict[str, Any]]
 PREFERENCE_STATS_KEYS: tuple[str, ...] = ("examples_seen", "truncated", "dropped_overlong")
 _OVERLONG_POLICIES = ("truncate", "drop", "error")
 _STATE_VERSION = 1
-_KEEP = "ok"
-_KEEP_TRUNCATED = "truncated"
 
 
 # ------------------------------------------------------------------------------------------------ records
@@ -279,53 +277,6 @@ class _TokenizeExample:
         return out
 
 
-# ------------------------------------------------------------------------------------------------ filter + count stage
-
-
-class _FilterAndCountIterator(grain.DatasetIterator):
-    """Drops tagged examples and counts them; the counters are part of the (checkpointable) iterator state."""
-
-    def __init__(self, parent: grain.DatasetIterator):
-        super().__init__(parent)
-        self.counts = dict.fromkeys(PREFERENCE_STATS_KEYS, 0)
-
-    def __next__(self) -> dict[str, Any]:
-        while True:
-            element = next(self._parent)
-            self.counts["examples_seen"] += 1
-            status = element.pop("status")
-            if status in (_KEEP, _KEEP_TRUNCATED):
-                self.counts["truncated"] += int(status == _KEEP_TRUNCATED)
-                return element
-            self.counts[status] += 1
-
-    def get_state(self) -> dict[str, Any]:
-        return {"parent": self._parent.get_state(), "counts": dict(self.counts)}
-
-    def set_state(self, state: dict[str, Any]) -> None:
-        self._parent.set_state(state["parent"])
-        self.counts = {k: int(state["counts"][k]) for k in PREFERENCE_STATS_KEYS}
-
-    def __str__(self) -> str:
-        return "PreferenceFilterAndCountIterator"
-
-
-class _FilterAndCountIterDataset(grain.IterDataset):
-    """See `_FilterAndCountIterator`. Remembers its latest iterator so the iterator wrapper can read the counters."""
-
-    def __init__(self, parent: grain.IterDataset):
-        super().__init__(parent)
-        self.latest_iterator: _FilterAndCountIterator | None = None
-
-    def __iter__(self) -> _FilterAndCountIterator:
-        iterator = _FilterAndCountIterator(self._parent.__iter__())
-        self.latest_iterator = iterator
-        return iterator
-
-    def __str__(self) -> str:
-        return "PreferenceFilterAndCountIterDataset"
-
-
 # ------------------------------------------------------------------------------------------------ batch assembly
 
 
@@ -503,7 +454,8 @@ def _build(
     ds = ds[process_index::process_count]
     ds = ds.map(_TokenizeExample(source, tokenizer, paired=paired, seq_len=seq_len, max_prompt_len=max_prompt_len,
                                  overlong=overlong))
-    counter = _FilterAndCountIterDataset(ds.to_iter_dataset(read_options))
+    counter = _FilterAndCountIterDataset(ds.to_iter_dataset(read_options), stats_keys=PREFERENCE_STATS_KEYS,
+                                         keep_keys=None)
     if paired:
         batch_fn: Callable = _PairBatch(local, seq_len, tokenizer.pad_id)
     else:
