@@ -14,6 +14,7 @@ import numpy as np
 from jaxpost.data import build_prompt_batches
 from jaxpost.rollout import Sampler, SamplingConfig
 from jaxpost.tokenizer import Tokenizer, train_tokenizer
+from jaxpost.train.state import with_shardings
 
 log = logging.getLogger("jaxpost")
 
@@ -116,3 +117,28 @@ def task_accuracy(lm, params, tokenizer, task, examples, cfg: EvalConfig, mesh, 
                 samples.append({"prompt": examples[batch["indices"][row]].get("prompt"),
                                 "completion": completion, "answer": batch["answers"][row], "correct": ok})
     return {"accuracy": correct / total, "n": total, "samples": samples}
+
+
+def restore_or_init(ckpt, abstract_state, shardings, batches, init):
+    """(state, start_step, meta): the latest complete checkpoint in `ckpt`, restored onto `shardings` with the data
+    iterator `batches` set to its saved position, or `init()` (a fresh sharded state) at step 0."""
+    latest = ckpt.latest_step()
+    if latest is None:
+        return init(), 0, {}
+    state, data_state, meta = ckpt.restore(latest, with_shardings(abstract_state, shardings))
+    batches.set_state(data_state)
+    start_step = int(jax.device_get(state.step))
+    log.info("resumed from %s at step %d", ckpt.directory, start_step)
+    return state, start_step, meta
+
+
+def close_checkpoints(ckpt, state, batches, meta: dict, *, stop_at: int | None, steps: int) -> bool:
+    """Ends a run's checkpointing. Returns True when the run was stopped early at `stop_at` (as a preemption
+    would), after making sure the state at `stop_at` is saved, so a later call continues from there."""
+    stopped = stop_at is not None and stop_at < steps
+    if stopped:
+        ckpt.wait()
+        if ckpt.latest_step() != stop_at:
+            ckpt.save(stop_at, state, data_state=batches.get_state(), meta=meta, force=True)
+    ckpt.close()
+    return stopped

@@ -34,8 +34,8 @@ from jaxpost.data.preference import (arithmetic_preference_records, build_prefer
                                      preference_records_from_samples)
 from jaxpost.models import LM
 from jaxpost.recipes import sft as sft_recipe
-from jaxpost.recipes.common import (EvalConfig, decode_completion, device_put_batch, eval_sampler, setup_logging,
-                                    task_accuracy)
+from jaxpost.recipes.common import (EvalConfig, close_checkpoints, decode_completion, device_put_batch, eval_sampler,
+                                    restore_or_init, setup_logging, task_accuracy)
 from jaxpost.rollout import SamplingConfig
 from jaxpost.sharding import make_mesh
 from jaxpost.tokenizer import Tokenizer
@@ -210,17 +210,12 @@ def run(cfg: DPOConfig, workdir: str, *, stop_at: int | None = None) -> dict | N
     ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=cfg.train.keep_checkpoints,
                         async_save=cfg.train.async_checkpoints)
     batches = _iterator(cfg, records, tokenizer)
-    latest = ckpt.latest_step()
-    if latest is None:
-        def make(params, key):
-            return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params), rng=key)
-        state = jax.jit(make, out_shardings=shardings)(start_params, jax.random.PRNGKey(cfg.seed))
-        start_step, meta = 0, {}
-    else:
-        state, data_state, meta = ckpt.restore(latest, with_shardings(abstract, shardings))
-        batches.set_state(data_state)
-        start_step = int(jax.device_get(state.step))
-        log.info("resumed from %s at step %d", ckpt.directory, start_step)
+    def make(params, key):
+        return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params), rng=key)
+
+    state, start_step, meta = restore_or_init(
+        ckpt, abstract, shardings, batches,
+        lambda: jax.jit(make, out_shardings=shardings)(start_params, jax.random.PRNGKey(cfg.seed)))
     ref_params = start_params if cfg.reference == "model" else None
     if ref_params is None:
         del start_params  # the step holds no reference weights
@@ -263,13 +258,8 @@ def run(cfg: DPOConfig, workdir: str, *, stop_at: int | None = None) -> dict | N
         evaluate=lambda step, st: {"eval_accuracy": evaluate(st.params)}, eval_every=cfg.train.eval_every,
         log_every=cfg.train.log_every, host_metrics=lambda: batches.stats, desc=cfg.loss, stop_at=stop_at)
     train_time = time.perf_counter() - t_train
-    if stop_at is not None and stop_at < cfg.steps:
-        ckpt.wait()
-        if ckpt.latest_step() != stop_at:
-            ckpt.save(stop_at, state, data_state=batches.get_state(), meta=meta, force=True)
-        ckpt.close()
+    if close_checkpoints(ckpt, state, batches, meta, stop_at=stop_at, steps=cfg.steps):
         return None
-    ckpt.close()
 
     final = evaluate(state.params, full=True) if cfg.eval.n_examples else {"accuracy": None, "samples": []}
     results = {

@@ -26,7 +26,7 @@ from jaxpost.data import make_task
 from jaxpost.data.preference import arithmetic_preference_records, build_preference_iterator
 from jaxpost.models.heads import ScalarHeadLM
 from jaxpost.recipes import sft as sft_recipe
-from jaxpost.recipes.common import EvalConfig, device_put_batch, setup_logging
+from jaxpost.recipes.common import EvalConfig, close_checkpoints, device_put_batch, restore_or_init, setup_logging
 from jaxpost.recipes.dpo import PAIR_SOURCES, build_pairs, load_params, sft_start
 from jaxpost.sharding import make_mesh
 from jaxpost.tokenizer import Tokenizer
@@ -36,7 +36,7 @@ from jaxpost.train.loop import MetricsLog, train_loop
 from jaxpost.train.optim import make_optimizer
 from jaxpost.train.plots import plot_metrics
 from jaxpost.train.rm import make_pairwise_eval, make_reward_step
-from jaxpost.train.state import TrainState, abstract_train_state, state_shardings, with_shardings
+from jaxpost.train.state import TrainState, abstract_train_state, state_shardings
 
 log = logging.getLogger("jaxpost")
 
@@ -108,18 +108,13 @@ def run(cfg: RMConfig, workdir: str, *, stop_at: int | None = None) -> dict | No
                         async_save=cfg.train.async_checkpoints)
     batches = build_preference_iterator(records, tokenizer, seq_len=cfg.data.seq_len, batch_size=cfg.data.batch_size,
                                         overlong=cfg.data.overlong, shuffle=cfg.data.shuffle, seed=cfg.seed)
-    latest = ckpt.latest_step()
-    if latest is None:
-        def make(lm_params, key):
-            params = model.with_lm_params(lm_params, key)
-            return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params), rng=key)
-        state = jax.jit(make, out_shardings=shardings)(lm_params, jax.random.PRNGKey(cfg.seed))
-        start_step, meta = 0, {}
-    else:
-        state, data_state, meta = ckpt.restore(latest, with_shardings(abstract, shardings))
-        batches.set_state(data_state)
-        start_step = int(jax.device_get(state.step))
-        log.info("resumed from %s at step %d", ckpt.directory, start_step)
+    def make(lm_params, key):
+        params = model.with_lm_params(lm_params, key)
+        return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params), rng=key)
+
+    state, start_step, meta = restore_or_init(
+        ckpt, abstract, shardings, batches,
+        lambda: jax.jit(make, out_shardings=shardings)(lm_params, jax.random.PRNGKey(cfg.seed)))
     del lm_params
 
     rows = 2 * (cfg.data.batch_size // jax.process_count())
@@ -152,13 +147,8 @@ def run(cfg: RMConfig, workdir: str, *, stop_at: int | None = None) -> dict | No
         eval_every=cfg.train.eval_every, log_every=cfg.train.log_every, host_metrics=lambda: batches.stats,
         desc="rm", stop_at=stop_at)
     train_time = time.perf_counter() - t_train
-    if stop_at is not None and stop_at < cfg.steps:
-        ckpt.wait()
-        if ckpt.latest_step() != stop_at:
-            ckpt.save(stop_at, state, data_state=batches.get_state(), meta=meta, force=True)
-        ckpt.close()
+    if close_checkpoints(ckpt, state, batches, meta, stop_at=stop_at, steps=cfg.steps):
         return None
-    ckpt.close()
 
     after = pairwise_accuracy(score, state.params, eval_records, tokenizer, cfg)
     results = {

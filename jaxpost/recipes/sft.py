@@ -18,15 +18,15 @@ from jaxpost.cli import to_json_dict, write_config
 from jaxpost.config import DataConfig, MeshConfig, ModelConfig, OptimConfig, TrainConfig
 from jaxpost.data import build_sft_iterator, make_task, read_jsonl
 from jaxpost.models import LM
-from jaxpost.recipes.common import (EvalConfig, TaskConfig, device_put_batch, load_or_make_tokenizer, setup_logging,
-                                    task_accuracy)
+from jaxpost.recipes.common import (EvalConfig, TaskConfig, close_checkpoints, device_put_batch, load_or_make_tokenizer,
+                                    restore_or_init, setup_logging, task_accuracy)
 from jaxpost.sharding import make_mesh
 from jaxpost.train.checkpoint import Checkpointer
 from jaxpost.train.loop import MetricsLog, train_loop
 from jaxpost.train.optim import make_optimizer
 from jaxpost.train.plots import plot_metrics
 from jaxpost.train.sft import make_sft_step, split_microbatches
-from jaxpost.train.state import abstract_train_state, create_train_state, state_shardings, with_shardings
+from jaxpost.train.state import abstract_train_state, create_train_state, state_shardings
 
 log = logging.getLogger("jaxpost")
 
@@ -81,18 +81,11 @@ def run(cfg: SFTConfig, workdir: str, *, stop_at: int | None = None) -> dict | N
         source, tokenizer, seq_len=cfg.data.seq_len, batch_size=cfg.data.batch_size, packing=cfg.data.packing,
         overlong=cfg.data.overlong, on_empty=cfg.data.on_empty, shuffle=cfg.data.shuffle, seed=cfg.seed)
 
-    latest = ckpt.latest_step()
-    if latest is None:
-        state, shardings = create_train_state(lm, tx, mesh, cfg.seed)
-        start_step, meta = 0, {}
-        log.info("model %s: %.2fM params on mesh %s", cfg.model.name, lm.n_params / 1e6, dict(mesh.shape))
-    else:
-        abstract = abstract_train_state(lm, tx)
-        shardings = state_shardings(abstract, lm.param_shardings(mesh), tx, mesh)
-        state, data_state, meta = ckpt.restore(latest, with_shardings(abstract, shardings))
-        batches.set_state(data_state)
-        start_step = int(jax.device_get(state.step))
-        log.info("resumed from %s at step %d", ckpt.directory, start_step)
+    abstract = abstract_train_state(lm, tx)
+    shardings = state_shardings(abstract, lm.param_shardings(mesh), tx, mesh)
+    state, start_step, meta = restore_or_init(ckpt, abstract, shardings, batches,
+                                              lambda: create_train_state(lm, tx, mesh, cfg.seed)[0])
+    log.info("model %s: %.2fM params on mesh %s", cfg.model.name, lm.n_params / 1e6, dict(mesh.shape))
 
     eval_examples = task.examples("test", cfg.eval.n_examples)
 
@@ -125,13 +118,8 @@ def run(cfg: SFTConfig, workdir: str, *, stop_at: int | None = None) -> dict | N
         evaluate=lambda step, st: {"eval_accuracy": evaluate(st.params)}, eval_every=cfg.train.eval_every,
         log_every=cfg.train.log_every, host_metrics=lambda: batches.stats, desc="sft", stop_at=stop_at)
     train_time = time.perf_counter() - t_train
-    if stop_at is not None and stop_at < cfg.steps:
-        ckpt.wait()
-        if ckpt.latest_step() != stop_at:
-            ckpt.save(stop_at, state, data_state=batches.get_state(), meta=meta, force=True)
-        ckpt.close()
+    if close_checkpoints(ckpt, state, batches, meta, stop_at=stop_at, steps=cfg.steps):
         return None
-    ckpt.close()
 
     final = evaluate(state.params, full=True) if cfg.eval.n_examples else {"accuracy": None, "samples": []}
     results = {
