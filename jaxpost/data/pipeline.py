@@ -160,11 +160,11 @@ class _FilterAndCountIterDataset(grain.IterDataset):
     def __init__(self, parent: grain.IterDataset, *, stats_keys: tuple[str, ...] = STATS_KEYS,
                  keep_keys: tuple[str, ...] | None = ("inputs", "targets", "loss_mask")):
         super().__init__(parent)
-        self._stats_keys, self._keep_keys = stats_keys, keep_keys
+        self.stats_keys, self._keep_keys = stats_keys, keep_keys
         self.latest_iterator: _FilterAndCountIterator | None = None
 
     def __iter__(self) -> _FilterAndCountIterator:
-        iterator = _FilterAndCountIterator(self._parent.__iter__(), self._stats_keys, self._keep_keys)
+        iterator = _FilterAndCountIterator(self._parent.__iter__(), self.stats_keys, self._keep_keys)
         self.latest_iterator = iterator
         return iterator
 
@@ -253,7 +253,8 @@ class SFTIterator:
         if self._counter is None:
             raise AssertionError("the counting stage did not create an iterator")
         self._config = config
-        self._stats = dict.fromkeys(STATS_KEYS, 0)
+        self._stats_keys = counter.stats_keys
+        self._stats = dict.fromkeys(self._stats_keys, 0)
 
     def __iter__(self) -> SFTIterator:
         return self
@@ -284,14 +285,14 @@ class SFTIterator:
 
     def set_state(self, state: Mapping[str, Any]) -> None:
         if not isinstance(state, Mapping) or state.get("version") != _STATE_VERSION:
-            raise ValueError(f"not an SFTIterator state of version {_STATE_VERSION}: {str(state)[:200]}")
+            raise ValueError(f"not a {type(self).__name__} state of version {_STATE_VERSION}: {str(state)[:200]}")
         saved = state["config"]
         differing = sorted(k for k in set(saved) | set(self._config) if saved.get(k) != self._config.get(k))
         if differing:
             details = ", ".join(f"{k}: saved {saved.get(k)!r} vs now {self._config.get(k)!r}" for k in differing)
             raise ValueError(f"cannot resume: the pipeline settings differ from the saved state ({details})")
         self._iterator.set_state(state["grain"])
-        self._stats = {k: int(state["stats"][k]) for k in STATS_KEYS}
+        self._stats = {k: int(state["stats"][k]) for k in self._stats_keys}
 
     def close(self) -> None:
         """Releases grain's prefetch threads."""

@@ -50,7 +50,6 @@ with a checker or rewards; `kto_records_from_pairs` unpairs paired records.
 from __future__ import annotations
 
 import functools
-import json
 import math
 import os
 import random
@@ -61,7 +60,7 @@ import grain
 import jax
 import numpy as np
 
-from jaxpost.data.pipeline import _KEEP, _KEEP_TRUNCATED, _FilterAndCountIterDataset, _empty_rows
+from jaxpost.data.pipeline import _KEEP, _KEEP_TRUNCATED, SFTIterator, _FilterAndCountIterDataset, _empty_rows
 from jaxpost.data.sources import DataError, FunctionSource, _json_type_name, read_jsonl
 from jaxpost.data.tasks import DEFAULT_SOURCE_LENGTH, Task
 from jaxpost.tokenizer import Tokenizer, validate_messages
@@ -90,7 +89,6 @@ Messages = list[dict[str, Any]]
 #: Counters reported by `PreferenceIterator.stats` (and stored in its state); an example is a pair (or a KTO record).
 PREFERENCE_STATS_KEYS: tuple[str, ...] = ("examples_seen", "truncated", "dropped_overlong")
 _OVERLONG_POLICIES = ("truncate", "drop", "error")
-_STATE_VERSION = 1
 
 
 # ------------------------------------------------------------------------------------------------ records
@@ -348,58 +346,13 @@ class _KTOBatch:
 # ------------------------------------------------------------------------------------------------ iterator
 
 
-class PreferenceIterator:
-    """Iterator over preference (or KTO) batches with exact checkpoint/resume, like `SFTIterator`.
+class PreferenceIterator(SFTIterator):
+    """Iterator over preference (or KTO) batches with exact checkpoint/resume: `SFTIterator`'s machinery.
 
     `get_state()` returns a JSON-serialisable dict (grain's iterator state, the counters, the pipeline settings);
     `set_state(state)` on an iterator built with the same settings resumes exactly. `stats` counts the examples
     (pairs, or KTO records) consumed to produce the batches returned so far: `PREFERENCE_STATS_KEYS`.
     """
-
-    def __init__(self, dataset: grain.IterDataset, counter: _FilterAndCountIterDataset, config: dict[str, Any]):
-        self._iterator = iter(dataset)
-        self._counter = counter.latest_iterator
-        if self._counter is None:
-            raise AssertionError("the counting stage did not create an iterator")
-        self._config = config
-        self._stats = dict.fromkeys(PREFERENCE_STATS_KEYS, 0)
-
-    def __iter__(self) -> PreferenceIterator:
-        return self
-
-    def __next__(self) -> dict[str, np.ndarray]:
-        batch = next(self._iterator)
-        self._stats = dict(self._counter.counts)
-        return batch
-
-    @property
-    def stats(self) -> dict[str, int]:
-        return dict(self._stats)
-
-    @property
-    def config(self) -> dict[str, Any]:
-        """The pipeline settings this iterator was built with (also stored in its state)."""
-        return dict(self._config)
-
-    def get_state(self) -> dict[str, Any]:
-        state = {"version": _STATE_VERSION, "config": self._config, "stats": self._stats,
-                 "grain": self._iterator.get_state()}
-        return json.loads(json.dumps(state))
-
-    def set_state(self, state: Mapping[str, Any]) -> None:
-        if not isinstance(state, Mapping) or state.get("version") != _STATE_VERSION:
-            raise ValueError(f"not a PreferenceIterator state of version {_STATE_VERSION}: {str(state)[:200]}")
-        saved = state["config"]
-        differing = sorted(k for k in set(saved) | set(self._config) if saved.get(k) != self._config.get(k))
-        if differing:
-            details = ", ".join(f"{k}: saved {saved.get(k)!r} vs now {self._config.get(k)!r}" for k in differing)
-            raise ValueError(f"cannot resume: the pipeline settings differ from the saved state ({details})")
-        self._iterator.set_state(state["grain"])
-        self._stats = {k: int(state["stats"][k]) for k in PREFERENCE_STATS_KEYS}
-
-    def close(self) -> None:
-        """Releases grain's prefetch threads."""
-        self._iterator.close()
 
 
 def _build(
