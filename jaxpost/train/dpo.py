@@ -26,7 +26,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from jaxpost.losses import DPO_LOSSES, REFERENCE_FREE_LOSSES
 from jaxpost.sharding import replicated
-from jaxpost.train.state import TrainState
+from jaxpost.train.state import TrainState, jit_step
 
 ROW_KEYS = ("inputs", "targets", "loss_mask", "segment_ids", "positions")
 REFERENCES = ("model", "precomputed", "none")
@@ -152,16 +152,7 @@ def make_preference_step(lm, tx, schedule, mesh, state_shardings, *, grad_accum:
                             logprobs_impl=logprobs_impl)
     batch_sh = preference_batch_shardings(mesh, pairs_per_micro=pairs // grad_accum, reference=reference)
     ref_sh = state_shardings.params if reference == "model" else None
-    jitted = jax.jit(fn, in_shardings=(state_shardings, ref_sh, batch_sh),
-                     out_shardings=(state_shardings, replicated(mesh)), donate_argnums=(0,))
-
-    def run(state, ref_params, batch):
-        with jax.set_mesh(mesh):
-            return jitted(state, ref_params, batch)
-
-    run.jitted = jitted
-    run.batch_shardings = batch_sh
-    return run
+    return jit_step(fn, mesh, state_shardings, batch_sh, ref_shardings=ref_sh, with_ref=True)
 
 
 def split_preference_microbatches(batch: dict, grad_accum: int) -> dict:

@@ -24,7 +24,7 @@ import optax
 from jaxpost.losses import get_unpaired_loss, kto_kl_baseline, kto_kl_sums
 from jaxpost.sharding import replicated
 from jaxpost.train.dpo import ROW_KEYS, rows_sharding, sequence_logps
-from jaxpost.train.state import TrainState
+from jaxpost.train.state import TrainState, jit_step
 
 KL_KEYS = tuple("kl_" + k for k in ROW_KEYS)
 
@@ -108,16 +108,7 @@ def make_kto_step(lm, tx, schedule, mesh, state_shardings, *, grad_accum: int, e
         batch_sh = {k: rows_sharding(mesh, b, 3) for k in ROW_KEYS + KL_KEYS}
         batch_sh.update({k: rows_sharding(mesh, b, 2) for k in vec_keys})
     ref_sh = state_shardings.params if reference == "model" else None
-    jitted = jax.jit(fn, in_shardings=(state_shardings, ref_sh, batch_sh),
-                     out_shardings=(state_shardings, replicated(mesh)), donate_argnums=(0,))
-
-    def run(state, ref_params, batch):
-        with jax.set_mesh(mesh):
-            return jitted(state, ref_params, batch)
-
-    run.jitted = jitted
-    run.batch_shardings = batch_sh
-    return run
+    return jit_step(fn, mesh, state_shardings, batch_sh, ref_shardings=ref_sh, with_ref=True)
 
 
 def split_kto_microbatches(batch: dict, grad_accum: int) -> dict:

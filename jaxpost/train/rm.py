@@ -16,7 +16,7 @@ from jaxpost.losses import get_reward_loss
 from jaxpost.models.heads import last_token_index
 from jaxpost.sharding import replicated
 from jaxpost.train.dpo import ROW_KEYS, preference_batch_shardings, rows_sharding, split_pairs
-from jaxpost.train.state import TrainState
+from jaxpost.train.state import TrainState, jit_step
 
 
 def sequence_rewards(model, params, mb: dict):
@@ -72,16 +72,7 @@ def make_reward_step(model, tx, schedule, mesh, state_shardings, *, grad_accum: 
         raise ValueError(f"{pairs} pairs per batch do not split into grad_accum={grad_accum} micro-batches")
     fn = reward_step_fn(model, tx, schedule, loss=loss, loss_kwargs=loss_kwargs)
     batch_sh = preference_batch_shardings(mesh, pairs_per_micro=pairs // grad_accum, reference="none")
-    jitted = jax.jit(fn, in_shardings=(state_shardings, batch_sh), out_shardings=(state_shardings, replicated(mesh)),
-                     donate_argnums=(0,))
-
-    def run(state, batch):
-        with jax.set_mesh(mesh):
-            return jitted(state, batch)
-
-    run.jitted = jitted
-    run.batch_shardings = batch_sh
-    return run
+    return jit_step(fn, mesh, state_shardings, batch_sh)
 
 
 def make_pairwise_eval(model, mesh, param_shardings, *, rows: int):

@@ -11,7 +11,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from jaxpost.losses import sft_nll
 from jaxpost.sharding import replicated
-from jaxpost.train.state import TrainState
+from jaxpost.train.state import TrainState, jit_step
 
 BATCH_KEYS = ("inputs", "targets", "loss_mask", "segment_ids", "positions")
 
@@ -79,13 +79,4 @@ def make_sft_step(lm, tx, schedule, mesh, state_shardings, *, grad_accum: int, r
     takes and returns (state, batch) like the pure step and traces under `mesh`."""
     fn = sft_step_fn(lm, tx, schedule, logprobs_impl=logprobs_impl)
     batch_sh = {k: microbatch_sharding(mesh, rows // grad_accum) for k in BATCH_KEYS}
-    jitted = jax.jit(fn, in_shardings=(state_shardings, batch_sh), out_shardings=(state_shardings, replicated(mesh)),
-                     donate_argnums=(0,))
-
-    def run(state, batch):
-        with jax.set_mesh(mesh):
-            return jitted(state, batch)
-
-    run.jitted = jitted
-    run.batch_shardings = batch_sh
-    return run
+    return jit_step(fn, mesh, state_shardings, batch_sh)

@@ -56,3 +56,19 @@ def create_train_state(lm, tx, mesh, seed: int) -> tuple[TrainState, TrainState]
 def with_shardings(abstract_tree, shardings):
     """ShapeDtypeStructs carrying shardings: the restore target that makes Orbax reshard onto a new mesh."""
     return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_tree, shardings)
+
+
+def jit_step(fn, mesh, state_shardings, batch_shardings: dict, *, ref_shardings=None, with_ref: bool = False):
+    """`fn(state, batch)` (or `fn(state, ref_params, batch)` with `with_ref`) under `jax.jit` with explicit in/out
+    shardings, the state donated (the reference params are not), traced and run under `mesh`. The returned callable
+    has the pure step's signature; `.jitted` and `.batch_shardings` are exposed for tests and input placement."""
+    in_sh = (state_shardings, ref_shardings, batch_shardings) if with_ref else (state_shardings, batch_shardings)
+    jitted = jax.jit(fn, in_shardings=in_sh, out_shardings=(state_shardings, replicated(mesh)), donate_argnums=(0,))
+
+    def run(*args):
+        with jax.set_mesh(mesh):
+            return jitted(*args)
+
+    run.jitted = jitted
+    run.batch_shardings = batch_shardings
+    return run
