@@ -299,6 +299,28 @@ class SFTIterator:
         self._iterator.close()
 
 
+def _check_batching(*, seq_len, batch_size, overlong, num_epochs, process_index, process_count
+                    ) -> tuple[int, int, int]:
+    """Validates the settings every pipeline builder shares; returns (process_index, process_count, rows per
+    process), the process defaults taken from JAX."""
+    for name, value in (("seq_len", seq_len), ("batch_size", batch_size)):
+        if not isinstance(value, int) or value <= 0:
+            raise ValueError(f"{name} must be a positive int, got {value!r}")
+    if overlong not in _OVERLONG_POLICIES:
+        raise ValueError(f"overlong must be one of {_OVERLONG_POLICIES}, got {overlong!r}")
+    if num_epochs is not None and (not isinstance(num_epochs, int) or num_epochs <= 0):
+        raise ValueError(f"num_epochs must be a positive int or None, got {num_epochs!r}")
+    process_index = jax.process_index() if process_index is None else process_index
+    process_count = jax.process_count() if process_count is None else process_count
+    if not isinstance(process_count, int) or process_count <= 0:
+        raise ValueError(f"process_count must be a positive int, got {process_count!r}")
+    if not isinstance(process_index, int) or not 0 <= process_index < process_count:
+        raise ValueError(f"process_index must be in [0, {process_count}), got {process_index!r}")
+    if batch_size % process_count:
+        raise ValueError(f"batch_size={batch_size} is not divisible by process_count={process_count}")
+    return process_index, process_count, batch_size // process_count
+
+
 def build_sft_iterator(
     source: Sequence[Mapping[str, Any]],
     tokenizer: Tokenizer,
@@ -349,24 +371,11 @@ def build_sft_iterator(
         raise ValueError("source is empty")
     if not isinstance(tokenizer, Tokenizer):
         raise ValueError(f"tokenizer must be a jaxpost Tokenizer, got {type(tokenizer).__name__}")
-    for name, value in (("seq_len", seq_len), ("batch_size", batch_size)):
-        if not isinstance(value, int) or value <= 0:
-            raise ValueError(f"{name} must be a positive int, got {value!r}")
-    if overlong not in _OVERLONG_POLICIES:
-        raise ValueError(f"overlong must be one of {_OVERLONG_POLICIES}, got {overlong!r}")
     if on_empty not in _EMPTY_POLICIES:
         raise ValueError(f"on_empty must be one of {_EMPTY_POLICIES}, got {on_empty!r}")
-    if num_epochs is not None and (not isinstance(num_epochs, int) or num_epochs <= 0):
-        raise ValueError(f"num_epochs must be a positive int or None, got {num_epochs!r}")
-    process_index = jax.process_index() if process_index is None else process_index
-    process_count = jax.process_count() if process_count is None else process_count
-    if not isinstance(process_count, int) or process_count <= 0:
-        raise ValueError(f"process_count must be a positive int, got {process_count!r}")
-    if not isinstance(process_index, int) or not 0 <= process_index < process_count:
-        raise ValueError(f"process_index must be in [0, {process_count}), got {process_index!r}")
-    if batch_size % process_count:
-        raise ValueError(f"batch_size={batch_size} is not divisible by process_count={process_count}")
-    rows = batch_size // process_count
+    process_index, process_count, rows = _check_batching(seq_len=seq_len, batch_size=batch_size, overlong=overlong,
+                                                         num_epochs=num_epochs, process_index=process_index,
+                                                         process_count=process_count)
     num_packing_bins = rows if num_packing_bins is None else num_packing_bins
     if not isinstance(num_packing_bins, int) or num_packing_bins <= 0:
         raise ValueError(f"num_packing_bins must be a positive int, got {num_packing_bins!r}")

@@ -57,10 +57,10 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import grain
-import jax
 import numpy as np
 
-from jaxpost.data.pipeline import _KEEP, _KEEP_TRUNCATED, SFTIterator, _FilterAndCountIterDataset, _empty_rows
+from jaxpost.data.pipeline import (_KEEP, _KEEP_TRUNCATED, SFTIterator, _check_batching, _FilterAndCountIterDataset,
+                                   _empty_rows)
 from jaxpost.data.sources import DataError, FunctionSource, _json_type_name, read_jsonl
 from jaxpost.data.tasks import DEFAULT_SOURCE_LENGTH, Task
 from jaxpost.tokenizer import Tokenizer, validate_messages
@@ -88,7 +88,6 @@ Messages = list[dict[str, Any]]
 
 #: Counters reported by `PreferenceIterator.stats` (and stored in its state); an example is a pair (or a KTO record).
 PREFERENCE_STATS_KEYS: tuple[str, ...] = ("examples_seen", "truncated", "dropped_overlong")
-_OVERLONG_POLICIES = ("truncate", "drop", "error")
 
 
 # ------------------------------------------------------------------------------------------------ records
@@ -377,25 +376,12 @@ def _build(
         raise ValueError("source is empty")
     if not isinstance(tokenizer, Tokenizer):
         raise ValueError(f"tokenizer must be a jaxpost Tokenizer, got {type(tokenizer).__name__}")
-    for name, value in (("seq_len", seq_len), ("batch_size", batch_size)):
-        if not isinstance(value, int) or value <= 0:
-            raise ValueError(f"{name} must be a positive int, got {value!r}")
+    process_index, process_count, local = _check_batching(seq_len=seq_len, batch_size=batch_size, overlong=overlong,
+                                                          num_epochs=num_epochs, process_index=process_index,
+                                                          process_count=process_count)
     max_prompt_len = seq_len // 2 if max_prompt_len is None else max_prompt_len
     if not isinstance(max_prompt_len, int) or not 1 <= max_prompt_len <= seq_len:
         raise ValueError(f"max_prompt_len must be an int in [1, seq_len={seq_len}], got {max_prompt_len!r}")
-    if overlong not in _OVERLONG_POLICIES:
-        raise ValueError(f"overlong must be one of {_OVERLONG_POLICIES}, got {overlong!r}")
-    if num_epochs is not None and (not isinstance(num_epochs, int) or num_epochs <= 0):
-        raise ValueError(f"num_epochs must be a positive int or None, got {num_epochs!r}")
-    process_index = jax.process_index() if process_index is None else process_index
-    process_count = jax.process_count() if process_count is None else process_count
-    if not isinstance(process_count, int) or process_count <= 0:
-        raise ValueError(f"process_count must be a positive int, got {process_count!r}")
-    if not isinstance(process_index, int) or not 0 <= process_index < process_count:
-        raise ValueError(f"process_index must be in [0, {process_count}), got {process_index!r}")
-    if batch_size % process_count:
-        raise ValueError(f"batch_size={batch_size} is not divisible by process_count={process_count}")
-    local = batch_size // process_count
     if read_options is None:
         read_options = grain.ReadOptions(num_threads=4, prefetch_buffer_size=128)
 

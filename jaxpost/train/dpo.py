@@ -26,7 +26,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from jaxpost.losses import DPO_LOSSES, REFERENCE_FREE_LOSSES
 from jaxpost.sharding import replicated
-from jaxpost.train.state import TrainState, jit_step
+from jaxpost.train.state import TrainState, accumulate_microbatches, jit_step
 
 ROW_KEYS = ("inputs", "targets", "loss_mask", "segment_ids", "positions")
 REFERENCES = ("model", "precomputed", "none")
@@ -93,21 +93,8 @@ def preference_step_fn(lm, tx: optax.GradientTransformation, schedule: optax.Sch
 
     def step(state: TrainState, ref_params, batch: dict):
         n_pairs = jnp.maximum(jnp.sum(batch["pair_mask"].astype(jnp.float32)), 1.0)
-        grad_fn = jax.value_and_grad(pair_terms, has_aux=True)
-        A = batch["inputs"].shape[0]
-        if A == 1:
-            (loss, sums), grads = grad_fn(state.params, ref_params, jax.tree.map(lambda x: x[0], batch), n_pairs)
-        else:
-            def accumulate(carry, mb):
-                g_acc, loss_acc, sums_acc = carry
-                (loss, sums), g = grad_fn(state.params, ref_params, mb, n_pairs)
-                return (jax.tree.map(jnp.add, g_acc, g), loss_acc + loss, jax.tree.map(jnp.add, sums_acc, sums)), None
-
-            first = jax.tree.map(lambda x: x[0], batch)
-            sums_shape = jax.eval_shape(lambda: pair_terms(state.params, ref_params, first, n_pairs)[1])
-            init = (jax.tree.map(jnp.zeros_like, state.params), jnp.float32(0),
-                    jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), sums_shape))
-            (grads, loss, sums), _ = jax.lax.scan(accumulate, init, batch)
+        grads, loss, sums = accumulate_microbatches(
+            lambda p, mb: pair_terms(p, ref_params, mb, n_pairs), state.params, batch)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         metrics = {"loss": loss, "pairs": n_pairs, "grad_norm": optax.global_norm(grads), "lr": schedule(state.step),

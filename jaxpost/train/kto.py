@@ -24,7 +24,7 @@ import optax
 from jaxpost.losses import get_unpaired_loss, kto_kl_baseline, kto_kl_sums
 from jaxpost.sharding import replicated
 from jaxpost.train.dpo import ROW_KEYS, rows_sharding, sequence_logps
-from jaxpost.train.state import TrainState, jit_step
+from jaxpost.train.state import TrainState, accumulate_microbatches, jit_step
 
 KL_KEYS = tuple("kl_" + k for k in ROW_KEYS)
 
@@ -66,18 +66,8 @@ def kto_step_fn(lm, tx: optax.GradientTransformation, schedule: optax.Schedule, 
         params = jax.lax.stop_gradient(state.params)
         kl_sum, kl_count = jax.lax.map(lambda mb: kl_sums(params, ref_params, mb), batch)
         z0 = kto_kl_baseline(jnp.sum(kl_sum), jnp.sum(kl_count))
-        grad_fn = jax.value_and_grad(terms, has_aux=True)
-
-        def accumulate(carry, mb):
-            g_acc, loss_acc, sums_acc = carry
-            (loss, sums), g = grad_fn(state.params, ref_params, mb, z0, n)
-            return (jax.tree.map(jnp.add, g_acc, g), loss_acc + loss, jax.tree.map(jnp.add, sums_acc, sums)), None
-
-        first = jax.tree.map(lambda x: x[0], batch)
-        sums_shape = jax.eval_shape(lambda: terms(state.params, ref_params, first, z0, n)[1])
-        init = (jax.tree.map(jnp.zeros_like, state.params), jnp.float32(0),
-                jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), sums_shape))
-        (grads, loss, sums), _ = jax.lax.scan(accumulate, init, batch)
+        grads, loss, sums = accumulate_microbatches(
+            lambda p, mb: terms(p, ref_params, mb, z0, n), state.params, batch)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         new_params = optax.apply_updates(state.params, updates)
         n_des = jnp.maximum(sums.get("desirable", 0.0), 1.0)

@@ -16,7 +16,7 @@ from jaxpost.losses import get_reward_loss
 from jaxpost.models.heads import last_token_index
 from jaxpost.sharding import replicated
 from jaxpost.train.dpo import ROW_KEYS, preference_batch_shardings, rows_sharding, split_pairs
-from jaxpost.train.state import TrainState, jit_step
+from jaxpost.train.state import TrainState, accumulate_microbatches, jit_step
 
 
 def sequence_rewards(model, params, mb: dict):
@@ -41,21 +41,7 @@ def reward_step_fn(model, tx: optax.GradientTransformation, schedule: optax.Sche
 
     def step(state: TrainState, batch: dict):
         n_pairs = jnp.maximum(jnp.sum(batch["pair_mask"].astype(jnp.float32)), 1.0)
-        grad_fn = jax.value_and_grad(pair_terms, has_aux=True)
-
-        def accumulate(carry, mb):
-            g_acc, loss_acc, sums_acc = carry
-            (loss, sums), g = grad_fn(state.params, mb, n_pairs)
-            return (jax.tree.map(jnp.add, g_acc, g), loss_acc + loss, jax.tree.map(jnp.add, sums_acc, sums)), None
-
-        first = jax.tree.map(lambda x: x[0], batch)
-        if batch["inputs"].shape[0] == 1:
-            (loss, sums), grads = grad_fn(state.params, first, n_pairs)
-        else:
-            sums_shape = jax.eval_shape(lambda: pair_terms(state.params, first, n_pairs)[1])
-            init = (jax.tree.map(jnp.zeros_like, state.params), jnp.float32(0),
-                    jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), sums_shape))
-            (grads, loss, sums), _ = jax.lax.scan(accumulate, init, batch)
+        grads, loss, sums = accumulate_microbatches(lambda p, mb: pair_terms(p, mb, n_pairs), state.params, batch)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         metrics = {"loss": loss, "pairs": n_pairs, "grad_norm": optax.global_norm(grads), "lr": schedule(state.step),

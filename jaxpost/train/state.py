@@ -72,3 +72,25 @@ def jit_step(fn, mesh, state_shardings, batch_shardings: dict, *, ref_shardings=
     run.jitted = jitted
     run.batch_shardings = batch_shardings
     return run
+
+
+def accumulate_microbatches(loss_fn, params, batch):
+    """(grads, loss, sums) of `loss_fn(params, mb) -> (loss, sums)` summed over the leading micro-batch axis of
+    `batch` (a `lax.scan`; one direct call when there is a single micro-batch). `loss_fn` must already divide by the
+    global normaliser, so that the sum over micro-batches is the full-batch value."""
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    first = jax.tree.map(lambda x: x[0], batch)
+    if jax.tree.leaves(batch)[0].shape[0] == 1:
+        (loss, sums), grads = grad_fn(params, first)
+        return grads, loss, sums
+
+    def accumulate(carry, mb):
+        g_acc, loss_acc, sums_acc = carry
+        (loss, sums), g = grad_fn(params, mb)
+        return (jax.tree.map(jnp.add, g_acc, g), loss_acc + loss, jax.tree.map(jnp.add, sums_acc, sums)), None
+
+    sums_shape = jax.eval_shape(lambda: loss_fn(params, first)[1])
+    init = (jax.tree.map(jnp.zeros_like, params), jnp.zeros((), jnp.float32),
+            jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), sums_shape))
+    (grads, loss, sums), _ = jax.lax.scan(accumulate, init, batch)
+    return grads, loss, sums
