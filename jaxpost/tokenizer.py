@@ -415,3 +415,11 @@ def train_tokenizer(
             ) from e
         raise ValueError(f"sentencepiece training failed: {message}") from e
     return Tokenizer.from_serialized(writer.getvalue())
+
+
+def decode_completion(tokenizer: Tokenizer, ids) -> str:
+    """Text of a sampled completion: stop tokens dropped, ids past the tokenizer's pieces (the model's vocabulary
+    may be padded) decoded as unknown."""
+    return tokenizer.decode([t if t < tokenizer.vocab_size else tokenizer.unk_id
+                             for t in (ids.tolist() if hasattr(ids, "tolist") else list(ids))
+                             if t not in tokenizer.stop_ids])

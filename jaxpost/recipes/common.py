@@ -13,7 +13,7 @@ import numpy as np
 
 from jaxpost.data import build_prompt_batches
 from jaxpost.rollout import Sampler, SamplingConfig
-from jaxpost.tokenizer import Tokenizer, train_tokenizer
+from jaxpost.tokenizer import Tokenizer, decode_completion, train_tokenizer
 from jaxpost.train.state import with_shardings
 
 log = logging.getLogger("jaxpost")
@@ -78,13 +78,6 @@ def device_put_batch(batch: dict, shardings: dict) -> dict:
     return {k: jax.make_array_from_process_local_data(shardings[k], np.asarray(batch[k])) for k in shardings}
 
 
-def decode_completion(tokenizer: Tokenizer, ids) -> str:
-    """Text of a sampled completion: stop tokens dropped, ids past the tokenizer's pieces (the model's vocabulary
-    may be padded) decoded as unknown."""
-    return tokenizer.decode([t if t < tokenizer.vocab_size else tokenizer.unk_id
-                             for t in np.asarray(ids).tolist() if t not in tokenizer.stop_ids])
-
-
 @functools.lru_cache(maxsize=8)
 def eval_sampler(lm, mesh, pad_id: int, max_prompt_len: int) -> Sampler:
     """One sampler per (model, mesh, pad id, prompt length), so that repeated evaluations reuse its compiled
@@ -119,15 +112,16 @@ def task_accuracy(lm, params, tokenizer, task, examples, cfg: EvalConfig, mesh, 
     return {"accuracy": correct / total, "n": total, "samples": samples}
 
 
-def restore_or_init(ckpt, abstract_state, shardings, batches, init):
+def restore_or_init(ckpt, abstract_state, shardings, batches, init, *, updates_per_step: int = 1):
     """(state, start_step, meta): the latest complete checkpoint in `ckpt`, restored onto `shardings` with the data
-    iterator `batches` set to its saved position, or `init()` (a fresh sharded state) at step 0."""
+    iterator `batches` set to its saved position, or `init()` (a fresh sharded state) at step 0. A loop step that
+    makes several optimizer updates (an RL iteration) passes `updates_per_step`: start_step = state.step / that."""
     latest = ckpt.latest_step()
     if latest is None:
         return init(), 0, {}
     state, data_state, meta = ckpt.restore(latest, with_shardings(abstract_state, shardings))
     batches.set_state(data_state)
-    start_step = int(jax.device_get(state.step))
+    start_step = int(jax.device_get(state.step)) // updates_per_step
     log.info("resumed from %s at step %d", ckpt.directory, start_step)
     return state, start_step, meta
 

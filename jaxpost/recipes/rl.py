@@ -1,0 +1,206 @@
+"""The RL recipe (GRPO and its family, RLOO, REINFORCE++, PPO) on a built-in verifiable task, from an SFT start.
+
+`run(cfg, workdir)`:
+1. the SFT start: the params and tokenizer of the SFT workdir `cfg.init_from`, or an SFT run of `cfg.sft` into
+   `workdir/sft` first (itself resumable);
+2. the policy (+ value head or critic for PPO) initialised from it; the reference = the SFT params (held sharded
+   beside the policy when a KL term or the `kl_ref` metric needs them);
+3. prompts from the task's train split (a grain pipeline, resumable), rewards = the task's checker (0/1, reported
+   as `accuracy`) plus optionally a learned reward model (an RM workdir of `jaxpost.recipes.rm` with the same
+   model config and tokenizer);
+4. `steps` RL iterations (`jaxpost.train.rl_loop.RLTrainer`), metrics every iteration, held-out greedy accuracy every
+   `train.eval_every` iterations, checkpoints (policy, value, optimizer, step, RNG, prompt-iterator state);
+5. results.json (`accuracy_before` = the SFT start's held-out greedy accuracy, `accuracy_after`, wall times) and
+   rl.png (reward, accuracy, KL, entropy, clip fraction, response length, held-out accuracy).
+A killed run resumes from its latest checkpoint and continues exactly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+
+from jaxpost.cli import to_json_dict, write_config
+from jaxpost.config import MeshConfig, OptimConfig, TrainConfig
+from jaxpost.data import make_task
+from jaxpost.data.prompts import build_prompt_iterator
+from jaxpost.models import LM
+from jaxpost.models.heads import ScalarHeadLM
+from jaxpost.recipes import sft as sft_recipe
+from jaxpost.recipes.common import (EvalConfig, close_checkpoints, restore_or_init, setup_logging, task_accuracy)
+from jaxpost.recipes.dpo import load_params, sft_start
+from jaxpost.rollout.rewards import LearnedReward, RewardSet, task_reward
+from jaxpost.sharding import make_mesh
+from jaxpost.tokenizer import Tokenizer
+from jaxpost.train.checkpoint import Checkpointer
+from jaxpost.train.loop import MetricsLog, train_loop
+from jaxpost.train.optim import make_optimizer
+from jaxpost.train.plots import plot_metrics
+from jaxpost.train.rl import AdvantageConfig, PolicyModel, RLLossConfig
+from jaxpost.train.rl_loop import RLTrainer, RolloutConfig
+from jaxpost.train.state import TrainState, abstract_train_state, state_shardings, with_shardings
+
+log = logging.getLogger("jaxpost")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class RLConfig:
+    """RL from an SFT start on a built-in task. `steps` counts RL iterations (each: one rollout batch, then
+    rollout.ppo_epochs x rollout.minibatches optimizer updates). Defaults are GRPO (group-normalised advantages,
+    PPO-clip with DAPO's clip-higher, token-mean loss, no KL)."""
+
+    seed: int = 0
+    steps: int = 100
+    init_from: str = ""  # an SFT workdir; "" runs `sft` first into workdir/sft
+    sft: sft_recipe.SFTConfig = dataclasses.field(default_factory=sft_recipe.SFTConfig)
+    value: str = "none"  # "head" (value head on the policy's decoder) or "critic" (separate decoder) for PPO
+    reference: bool = True  # hold the SFT params as the reference (KL term, kl_ref metrics)
+    rollout: RolloutConfig = dataclasses.field(default_factory=RolloutConfig)
+    loss: RLLossConfig = dataclasses.field(default_factory=lambda: RLLossConfig(eps_high=0.28))
+    advantage: AdvantageConfig = dataclasses.field(default_factory=AdvantageConfig)
+    correctness_weight: float = 1.0
+    reward_model: str = ""  # an RM workdir; its score is added with weight reward_model_weight
+    reward_model_weight: float = 1.0
+    reward_timeout_s: float = 10.0
+    optim: OptimConfig = dataclasses.field(default_factory=lambda: OptimConfig(lr=1e-4, warmup_steps=5,
+                                                                                min_lr_ratio=1.0))
+    mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
+    train: TrainConfig = dataclasses.field(default_factory=lambda: TrainConfig(log_every=5, checkpoint_every=10))
+    eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
+    logprobs_impl: str = "auto"
+
+    def __post_init__(self):
+        if self.steps <= 0:
+            raise ValueError(f"RLConfig.steps must be > 0, got {self.steps}")
+        PolicyModel.check_value_mode(self.value)
+        if self.loss.kl_coef > 0 and not self.reference:
+            raise ValueError("RLConfig: a KL penalty (loss.kl_coef > 0) needs reference=True")
+        if self.advantage.estimator == "gae" and self.value == "none":
+            raise ValueError("RLConfig: the gae estimator needs a value model (value='head' or 'critic')")
+        if self.loss.temperature != self.rollout.temperature:
+            raise ValueError(f"RLConfig: loss.temperature={self.loss.temperature} must equal "
+                             f"rollout.temperature={self.rollout.temperature}")
+
+
+def load_reward_model(path: str, model_cfg, mesh):
+    """(ScalarHeadLM, params) of an RM workdir (`jaxpost.recipes.rm`), restored sharded; its model config must be
+    the policy's."""
+    model = ScalarHeadLM(model_cfg)
+    ckpt = Checkpointer(os.path.join(path, "checkpoints"), async_save=False)
+    step = ckpt.latest_step()
+    if step is None:
+        raise FileNotFoundError(f"reward_model={path!r}: no complete checkpoint in {path}/checkpoints")
+    params = ckpt.restore_params(step, with_shardings(model.abstract_params, model.param_shardings(mesh)))
+    ckpt.close()
+    return model, params
+
+
+def run(cfg: RLConfig, workdir: str, *, stop_at: int | None = None) -> dict | None:
+    """SFT start (or init_from) -> RL; writes config.json, metrics.jsonl, checkpoints/, rl.png and results.json
+    into workdir, resuming whatever exists there. `stop_at` stops after that iteration (as a preemption would)."""
+    t_start = time.perf_counter()
+    setup_logging()
+    os.makedirs(workdir, exist_ok=True)
+    write_config(cfg, workdir)
+    sft_cfg, sft_dir = sft_start(workdir, cfg.init_from, cfg.sft)
+    t_rl = time.perf_counter()
+    task = make_task(sft_cfg.task.name, **sft_cfg.task.kwargs())
+    tokenizer = Tokenizer.load(os.path.join(sft_dir, "tokenizer.model"))
+    tokenizer.save(os.path.join(workdir, "tokenizer.model"))
+
+    mesh = make_mesh(cfg.mesh)
+    lm = LM(sft_cfg.model)
+    model = PolicyModel(lm, value=cfg.value)
+    start_params = load_params(lm, mesh, sft_dir)
+    ro = cfg.rollout
+    total_updates = cfg.steps * ro.updates_per_iteration
+    tx, schedule = make_optimizer(cfg.optim, total_updates, logical_axes=model.logical_axes)
+    abstract = abstract_train_state(model, tx)
+    shardings = state_shardings(abstract, model.param_shardings(mesh), tx, mesh)
+    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=cfg.train.keep_checkpoints,
+                        async_save=cfg.train.async_checkpoints)
+    prompts = build_prompt_iterator(task.source("train"), tokenizer, batch_size=ro.prompts_per_step,
+                                    max_prompt_len=ro.max_prompt_len, seed=cfg.seed)
+
+    def make(policy_params, key):
+        init_key, state_key = jax.random.split(key)
+        params = model.from_policy(policy_params, init_key)
+        return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params), rng=state_key)
+
+    state, start_step, meta = restore_or_init(
+        ckpt, abstract, shardings, prompts,
+        lambda: jax.jit(make, out_shardings=shardings)(start_params, jax.random.PRNGKey(cfg.seed)),
+        updates_per_step=ro.updates_per_iteration)
+    ref_params = start_params if cfg.reference else None
+    if ref_params is None:
+        del start_params
+
+    functions, weights = {"correct": task_reward(task)}, {"correct": cfg.correctness_weight}
+    rewards = RewardSet(functions, weights=weights, timeout_s=cfg.reward_timeout_s)
+    learned = None
+    if cfg.reward_model:
+        rm_model, rm_params = load_reward_model(cfg.reward_model, sft_cfg.model, mesh)
+        learned = LearnedReward(rm_model, rm_params, mesh, rows=ro.rows // ro.minibatches)
+    trainer = RLTrainer(model=model, tx=tx, schedule=schedule, mesh=mesh, state_shardings=shardings,
+                        tokenizer=tokenizer, rewards=rewards, rollout=ro, loss=cfg.loss, advantage=cfg.advantage,
+                        ref_params=ref_params, learned_reward=learned, learned_reward_weight=cfg.reward_model_weight,
+                        accuracy_key="correct", grad_accum=cfg.train.grad_accum, logprobs_impl=cfg.logprobs_impl)
+
+    eval_examples = task.examples("test", cfg.eval.n_examples)
+
+    def evaluate(params, full: bool = False):
+        out = task_accuracy(lm, params["policy"], tokenizer, task, eval_examples, cfg.eval, mesh)
+        return out if full else out["accuracy"]
+
+    meta["config"] = to_json_dict(cfg)
+    if "accuracy_before" not in meta:
+        meta["accuracy_before"] = evaluate(state.params) if cfg.eval.n_examples else None
+        log.info("held-out accuracy of the SFT start: %s", meta["accuracy_before"])
+        MetricsLog(os.path.join(workdir, "metrics.jsonl")).write({"step": 0, "eval_accuracy": meta["accuracy_before"]})
+
+    def checkpoint(step, state):
+        ckpt.save(step, state, data_state=prompts.get_state(), meta=meta)
+
+    t_train = time.perf_counter()
+    state = train_loop(
+        step_fn=lambda st, batch: trainer.iteration(st, batch, more_prompts=lambda: next(prompts)),
+        state=state, batches=prompts, to_device=lambda b: b, start_step=start_step, steps=cfg.steps,
+        metrics_log=MetricsLog(os.path.join(workdir, "metrics.jsonl"), resume_step=start_step),
+        checkpoint=checkpoint, checkpoint_every=cfg.train.checkpoint_every or cfg.steps,
+        evaluate=lambda step, st: {"eval_accuracy": evaluate(st.params)}, eval_every=cfg.train.eval_every,
+        log_every=cfg.train.log_every, host_metrics=lambda: prompts.stats, desc=cfg.advantage.estimator,
+        stop_at=stop_at)
+    train_time = time.perf_counter() - t_train
+    if close_checkpoints(ckpt, state, prompts, meta, stop_at=stop_at, steps=cfg.steps):
+        return None
+
+    final = evaluate(state.params, full=True) if cfg.eval.n_examples else {"accuracy": None, "samples": []}
+    MetricsLog(os.path.join(workdir, "metrics.jsonl"), resume_step=cfg.steps).write(
+        {"step": cfg.steps, "eval_accuracy": final["accuracy"]})
+    results = {
+        "accuracy_before": meta["accuracy_before"],
+        "accuracy_after": final["accuracy"],
+        "samples": final["samples"],
+        "estimator": cfg.advantage.estimator,
+        "policy_loss": cfg.loss.policy_loss,
+        "value": cfg.value,
+        "steps": cfg.steps,
+        "resumed_from_step": start_step,
+        "rl_time_s": time.perf_counter() - t_rl,
+        "train_time_s": train_time,
+        "wall_time_s": time.perf_counter() - t_start,
+        "sft_dir": sft_dir,
+    }
+    with open(os.path.join(workdir, "results.json"), "w") as f:
+        json.dump(results, f, indent=2)
+    plot_metrics(workdir, ("reward_mean", "accuracy", "eval_accuracy", "kl_ref_k3", "entropy", "clip_frac",
+                           "response_length", "zero_adv_group_frac"), filename="rl.png",
+                 title=f"{cfg.advantage.estimator} / {cfg.loss.policy_loss} from the SFT start")
+    log.info("results: %s", json.dumps({k: v for k, v in results.items() if k != "samples"}))
+    return results

@@ -1,0 +1,152 @@
+"""Reward functions: verifiers on decoded text, a learned reward model, and their weighted sum.
+
+A reward function is a plain Python callable `fn(prompt: str, completion: str, **example) -> float`; `example` holds
+the prompt record's other fields (`answer`, test cases, ...). `RewardSet` calls every function on every sample, each
+call on its own daemon thread with a wall-clock `timeout_s`: a call that raises, returns something that is not a
+finite number, or is still running at the deadline scores 0 for that function, is counted (`failed` / `timed_out`
+per function name), and the run goes on. A hung call's thread is abandoned (Python cannot kill a thread; it is a
+daemon, so it never blocks the process from exiting); use `timeout_s=None` to call functions inline, in order.
+
+Learned rewards (`LearnedReward`) score a whole batch of rollout rows at once on the device: a `ScalarHeadLM` (the
+reward model of `jaxpost.train.rm`) read at each sample's last completion token.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import jax
+import numpy as np
+
+log = logging.getLogger("jaxpost")
+
+RewardFn = Callable[..., float]
+
+
+@dataclasses.dataclass(frozen=True)
+class RewardResult:
+    total: np.ndarray                     # float32 [R]: sum_f weight_f * reward_f
+    per_function: dict[str, np.ndarray]   # name -> float32 [R] (unweighted; 0 where the call failed)
+    failed: dict[str, int]                # name -> calls that raised or returned a non-finite / non-number
+    timed_out: dict[str, int]             # name -> calls past the timeout
+    time_s: float
+
+
+class RewardSet:
+    """Weighted verifier rewards. `functions`: name -> callable; `weights`: name -> weight (default 1)."""
+
+    def __init__(self, functions: Mapping[str, RewardFn], *, weights: Mapping[str, float] | None = None,
+                 timeout_s: float | None = 10.0, max_threads: int = 64):
+        if not functions:
+            raise ValueError("RewardSet needs at least one reward function")
+        for name, fn in functions.items():
+            if not callable(fn):
+                raise ValueError(f"reward function {name!r} is not callable")
+        weights = dict(weights or {})
+        unknown = set(weights) - set(functions)
+        if unknown:
+            raise ValueError(f"weights for unknown reward functions {sorted(unknown)}; known: {sorted(functions)}")
+        if timeout_s is not None and not timeout_s > 0:
+            raise ValueError(f"timeout_s must be > 0 or None, got {timeout_s}")
+        self.functions = dict(functions)
+        self.weights = {name: float(weights.get(name, 1.0)) for name in functions}
+        self.timeout_s = timeout_s
+        self.max_threads = max_threads
+
+    def __call__(self, prompts: Sequence[str], completions: Sequence[str],
+                 examples: Sequence[Mapping[str, Any]]) -> RewardResult:
+        t0 = time.perf_counter()
+        R = len(completions)
+        if not len(prompts) == len(examples) == R:
+            raise ValueError(f"RewardSet: {len(prompts)} prompts, {R} completions, {len(examples)} examples")
+        calls = [(name, r) for name in self.functions for r in range(R)]
+        values = np.zeros((len(calls),), np.float32)
+        status = np.zeros((len(calls),), np.int8)  # 0 ok, 1 failed, 2 timed out
+        errors: list[str] = []
+
+        def call(i):
+            name, r = calls[i]
+            try:
+                v = self.functions[name](prompts[r], completions[r], **examples[r])
+                v = float(v)
+                if not math.isfinite(v):
+                    raise ValueError(f"non-finite reward {v}")
+                values[i] = v
+            except Exception as e:  # noqa: BLE001 - a broken reward function must not end the run
+                status[i] = 1
+                if len(errors) < 3:
+                    errors.append(f"{name}(sample {r}): {e!r}")
+
+        if self.timeout_s is None:
+            for i in range(len(calls)):
+                call(i)
+        else:
+            done = np.zeros((len(calls),), bool)
+
+            def run(i):
+                call(i)
+                done[i] = True
+
+            for start in range(0, len(calls), self.max_threads):
+                wave = range(start, min(start + self.max_threads, len(calls)))
+                threads = [threading.Thread(target=run, args=(i,), daemon=True) for i in wave]
+                for t in threads:
+                    t.start()
+                deadline = time.perf_counter() + self.timeout_s
+                for t in threads:
+                    t.join(max(0.0, deadline - time.perf_counter()))
+                for i in wave:
+                    if not done[i]:  # still running: abandoned, scored 0
+                        status[i], values[i] = 2, 0.0
+        per_function, failed, timed_out = {}, {}, {}
+        total = np.zeros((R,), np.float32)
+        for k, name in enumerate(self.functions):
+            sl = slice(k * R, (k + 1) * R)
+            v = np.where(status[sl] == 0, values[sl], 0.0).astype(np.float32)
+            per_function[name] = v
+            failed[name] = int(np.sum(status[sl] == 1))
+            timed_out[name] = int(np.sum(status[sl] == 2))
+            total += self.weights[name] * v
+        n_bad = sum(failed.values()) + sum(timed_out.values())
+        if n_bad:
+            log.warning("reward functions: %d calls failed, %d timed out (scored 0)%s", sum(failed.values()),
+                        sum(timed_out.values()), "; e.g. " + "; ".join(errors) if errors else "")
+        return RewardResult(total=total, per_function=per_function, failed=failed, timed_out=timed_out,
+                            time_s=time.perf_counter() - t0)
+
+
+def task_reward(task) -> RewardFn:
+    """The built-in task's checker as a 0/1 reward: `fn(prompt, completion, *, answer, **_)`."""
+    def correct(prompt: str, completion: str, *, answer, **_) -> float:
+        return float(task.check(completion, answer))
+    return correct
+
+
+class LearnedReward:
+    """A reward model (`ScalarHeadLM` params, e.g. from `jaxpost.recipes.rm`) scoring rollout rows on the device:
+    the score at each row's last completion token (`jaxpost.train.rm.sequence_rewards`)."""
+
+    def __init__(self, model, params, mesh, *, rows: int):
+        from jaxpost.train.rm import make_pairwise_eval  # the same jitted scorer as the RM's evaluation
+        self._score = make_pairwise_eval(model, mesh, model.param_shardings(mesh), rows=rows)
+        self.params = params
+        self.rows = rows
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> np.ndarray:
+        """Scores [R] of a batch in the `rollout_batch` layout ([R, T] arrays, one sample per row)."""
+        R = batch["inputs"].shape[0]
+        out = np.zeros((R,), np.float32)
+        for start in range(0, R, self.rows):
+            chunk = {k: v[start:start + self.rows] for k, v in batch.items()}
+            n = chunk["inputs"].shape[0]
+            if n < self.rows:  # pad to the compiled shape
+                chunk = {k: np.concatenate([v, np.zeros((self.rows - n, *v.shape[1:]), v.dtype)])
+                         for k, v in chunk.items()}
+            out[start:start + n] = np.asarray(jax.device_get(self._score(self.params, chunk)))[:n]
+        return out

@@ -1,0 +1,327 @@
+"""Policy-gradient RL: the policy (+ value) model, the pure sharded update step, the scoring pass and advantages.
+
+Batch layout: one sample per row (prompt + completion, `jaxpost.rollout.rollout_batch` with pack=False), so a row is
+a sequence for the sequence-level aggregations and GSPO. The update step reads [A, b, T] micro-batches of
+
+    inputs, targets, loss_mask, segment_ids, positions   the rows (loss_mask 1 on completion tokens)
+    old_logp      float32  log-probs of the sampled tokens under the policy that sampled them (the scoring pass)
+    advantages    float32  per token (sequence-level estimators broadcast over the completion)
+    ref_logp      float32  under the reference policy (only with a KL term in the loss)
+    old_values, returns    float32  (only with a value model: the scoring pass's values and GAE's returns)
+
+Normalisation: the loss of a step is sum over its micro-batches and devices of numerator / D, with D the global
+denominator of the aggregation mode (`jaxpost.losses.loss_denominator` of the whole step's mask, computed once
+before the first micro-batch), so the loss and gradient are the full-batch ones however the batch is split.
+
+Value model (PPO). `PolicyModel(lm, value=...)`: "none"; "head" (a scalar head on the policy's own final hidden
+states: one forward gives log-probs and values, the value loss also trains the shared trunk, weighted by vf_coef);
+"critic" (a separate decoder + head, initialised from the policy's weights, as in TRL and verl). Params are
+`{"policy": <decoder params>}` plus `{"value": {"head": {w, b}}}` or `{"value": {"lm": ..., "head": {w, b}}}`; one
+optimizer updates both (their gradients are separate for "critic"). V(s_t) is read at the position whose target is
+token t, i.e. before token t is emitted, aligned with log-probs and masks.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from jaxpost.losses import (SEQUENCE_LEVEL_ESTIMATORS, aggregate_loss, broadcast_to_tokens, entropy_bonus,
+                            get_advantage_estimator, get_kl_estimator, get_loss_aggregation, get_policy_loss, kl_loss,
+                            kl_penalty_sequence_rewards, kl_penalty_token_rewards, loss_denominator, masked_whiten,
+                            metric_means, sequence_to_token_rewards, value_loss)
+from jaxpost.models.heads import ScalarHeadLM
+from jaxpost.train.dpo import ROW_KEYS, rows_sharding
+from jaxpost.train.state import TrainState, accumulate_microbatches, jit_step
+
+VALUE_MODES = ("none", "head", "critic")
+KL_PLACEMENTS = ("loss", "reward")
+
+
+class PolicyModel:
+    """The params tree an RL state trains: the policy decoder and, for PPO, a value head or a separate critic. Has
+    the interface train states need (`abstract_params`, `logical_axes`, `param_shardings`)."""
+
+    def __init__(self, lm, *, value: str = "none"):
+        self.check_value_mode(value)
+        self.lm, self.value = lm, value
+        self.abstract_params = {"policy": lm.abstract_params}
+        self.logical_axes = {"policy": lm.logical_axes}
+        if value != "none":
+            self.head = ScalarHeadLM(lm.cfg)
+            keys = ("head",) if value == "head" else ("lm", "head")
+            self.abstract_params["value"] = {k: self.head.abstract_params[k] for k in keys}
+            self.logical_axes["value"] = {k: self.head.logical_axes[k] for k in keys}
+
+    @staticmethod
+    def check_value_mode(value: str) -> None:
+        if value not in VALUE_MODES:
+            raise ValueError(f"value must be one of {VALUE_MODES}, got {value!r}")
+
+    def param_shardings(self, mesh):
+        out = {"policy": self.lm.param_shardings(mesh)}
+        if self.value != "none":
+            head = self.head.param_shardings(mesh)
+            out["value"] = {k: head[k] for k in self.abstract_params["value"]}
+        return out
+
+    def from_policy(self, policy_params, key):
+        """Params from trained decoder params (e.g. the SFT checkpoint): the critic starts as a copy of the policy
+        (a real copy: the train state is donated, and two leaves may not share a buffer); the head at 0."""
+        params = {"policy": policy_params}
+        if self.value != "none":
+            params["value"] = {"head": self.head.init_head(key)}
+            if self.value == "critic":
+                params["value"]["lm"] = jax.tree.map(jnp.copy, policy_params)
+        return params
+
+    def values(self, params, mb: dict, hidden_BTD=None):
+        """V [B, T] in float32: the head on the policy's hidden states ("head") or on the critic's ("critic")."""
+        v = params["value"]
+        if self.value == "critic":
+            hidden_BTD = self.lm.hidden(v["lm"], mb["inputs"], mb["positions"], mb["segment_ids"])
+        w_D = v["head"]["w"]
+        return jnp.einsum("btd,d->bt", hidden_BTD.astype(jnp.float32), w_D) + v["head"]["b"][0]
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class RLLossConfig:
+    """The update step's objective.
+
+    policy_loss: a `POLICY_LOSSES` name (ppo: PPO-clip, GRPO and DAPO; gspo, gspo_seq; reinforce).
+    eps_low, eps_high (None: = eps_low), dual_clip: the clip ranges (ppo, gspo).
+    aggregation: a `LOSS_AGGREGATIONS` name; max_length: the constant of seq_mean_token_sum_norm (0: the sampler's
+      max_new_tokens, filled in by the loop).
+    temperature: log-probs are under softmax(logits / temperature), the sampler's convention.
+    kl_coef, kl_estimator, kl_in: a KL penalty to the reference, in the loss (per token, aggregated with the policy
+      loss) or in the reward (subtracted before the advantages); 0 disables it.
+    entropy_coef: entropy bonus. vf_coef, vf_clip: the value loss (value model only).
+    """
+
+    policy_loss: str = "ppo"
+    eps_low: float = 0.2
+    eps_high: float | None = None
+    dual_clip: float | None = None
+    aggregation: str = "token_mean"
+    max_length: int = 0
+    temperature: float = 1.0
+    kl_coef: float = 0.0
+    kl_estimator: str = "k3"
+    kl_in: str = "loss"
+    entropy_coef: float = 0.0
+    vf_coef: float = 0.1
+    vf_clip: float | None = 0.2
+
+    def __post_init__(self):
+        get_policy_loss(self.policy_loss)
+        get_loss_aggregation(self.aggregation)
+        get_kl_estimator(self.kl_estimator)
+        if self.kl_in not in KL_PLACEMENTS:
+            raise ValueError(f"RLLossConfig.kl_in must be one of {KL_PLACEMENTS}, got {self.kl_in!r}")
+        if self.kl_coef < 0 or self.entropy_coef < 0 or self.vf_coef < 0:
+            raise ValueError("RLLossConfig: kl_coef, entropy_coef and vf_coef must be >= 0")
+        if not self.temperature > 0:
+            raise ValueError(f"RLLossConfig.temperature must be > 0, got {self.temperature}")
+        if self.max_length < 0:
+            raise ValueError(f"RLLossConfig.max_length must be >= 0, got {self.max_length}")
+
+    @property
+    def kl_in_loss(self) -> bool:
+        return self.kl_coef > 0 and self.kl_in == "loss"
+
+    @property
+    def kl_in_reward(self) -> bool:
+        return self.kl_coef > 0 and self.kl_in == "reward"
+
+    def policy_kwargs(self) -> dict:
+        if self.policy_loss == "reinforce":
+            return {}
+        kw = {"eps_low": self.eps_low, "eps_high": self.eps_high}
+        if self.policy_loss == "ppo":
+            kw["dual_clip"] = self.dual_clip
+        return kw
+
+
+def batch_keys(model: PolicyModel, loss_cfg: RLLossConfig) -> tuple[str, ...]:
+    keys = ROW_KEYS + ("old_logp", "advantages")
+    if loss_cfg.kl_in_loss:
+        keys += ("ref_logp",)
+    if model.value != "none":
+        keys += ("old_values", "returns")
+    return keys
+
+
+def rl_step_fn(model: PolicyModel, tx: optax.GradientTransformation, schedule: optax.Schedule,
+               loss_cfg: RLLossConfig, *, logprobs_impl: str = "auto"
+               ) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
+    """The pure update step `step(state, batch) -> (state, metrics)` on [A, b, T] micro-batches (module docstring).
+
+    Metrics are means over the step's response tokens (or sequences, for per-sequence metrics): `loss`, `pg_loss`,
+    `vf_loss` (their aggregated values), `clip_frac` (+ low/high/dual), `ratio`, `approx_kl` (k3 of KL(old || new)),
+    `entropy`, `kl_ref` (the loss's KL estimate, with a KL term), value metrics, `grad_norm`, `lr`, `tokens`.
+    """
+    lm = model.lm
+    policy_loss = get_policy_loss(loss_cfg.policy_loss)
+    kwargs = loss_cfg.policy_kwargs()
+    mode = loss_cfg.aggregation
+    max_length = loss_cfg.max_length or None
+
+    def micro(params, mb, denom):
+        h_BTD = lm.hidden(params["policy"], mb["inputs"], mb["positions"], mb["segment_ids"])
+        out = lm.token_logprobs(params["policy"], h_BTD, mb["targets"], temperature=loss_cfg.temperature,
+                                return_entropy=True, impl=logprobs_impl)
+        m_BT = mb["loss_mask"].astype(jnp.float32)
+        loss_BT, metrics = policy_loss(out.logp, mb["old_logp"], mb["advantages"], m_BT, **kwargs)
+        metrics = dict(metrics)
+        n = jnp.sum(m_BT)
+        metrics["entropy"] = (jnp.sum(jax.lax.stop_gradient(out.entropy) * m_BT), n)
+        pg = aggregate_loss(loss_BT, m_BT, mode=mode, denominator=denom)
+        if loss_cfg.kl_in_loss:
+            kl_BT = kl_loss(out.logp, mb["ref_logp"], m_BT, beta=1.0, estimator=loss_cfg.kl_estimator)
+            metrics["kl_ref"] = (jnp.sum(jax.lax.stop_gradient(kl_BT)), n)
+            loss_BT = loss_BT + loss_cfg.kl_coef * kl_BT
+        if loss_cfg.entropy_coef > 0:
+            loss_BT = loss_BT + entropy_bonus(out.entropy, m_BT, coef=loss_cfg.entropy_coef)
+        loss = aggregate_loss(loss_BT, m_BT, mode=mode, denominator=denom)
+        parts = {"pg_loss": pg}
+        if model.value != "none":
+            v_BT = model.values(params, mb, h_BTD)
+            vl_BT, vm = value_loss(v_BT, mb["old_values"], mb["returns"], m_BT, clip_eps=loss_cfg.vf_clip)
+            metrics.update(vm)
+            metrics["values"] = (jnp.sum(jax.lax.stop_gradient(v_BT) * m_BT), n)
+            vf = aggregate_loss(vl_BT, m_BT, mode=mode, denominator=denom)
+            parts["vf_loss"] = vf
+            loss = loss + loss_cfg.vf_coef * vf
+        return loss, (metrics, parts, n)
+
+    def step(state: TrainState, batch: dict):
+        mask = batch["loss_mask"].astype(jnp.float32)
+        denom = loss_denominator(mask.reshape(-1, mask.shape[-1]), mode=mode, max_length=max_length)
+        grads, loss, (sums, parts, tokens) = accumulate_microbatches(
+            lambda p, mb: micro(p, mb, denom), state.params, batch)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        metrics = {"loss": loss, **parts, **metric_means(sums), "tokens": tokens,
+                   "grad_norm": optax.global_norm(grads), "lr": schedule(state.step)}
+        return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+    return step
+
+
+def rl_batch_shardings(mesh, keys, *, rows_per_micro: int) -> dict:
+    return {k: rows_sharding(mesh, rows_per_micro, 3) for k in keys}
+
+
+def make_rl_step(model: PolicyModel, tx, schedule, mesh, state_shardings, loss_cfg: RLLossConfig, *,
+                 rows: int, grad_accum: int = 1, logprobs_impl: str = "auto"):
+    """`rl_step_fn` under `jax.jit` with explicit shardings and the state donated; batches of `rows` rows per
+    optimizer step split into `grad_accum` micro-batches ([grad_accum, rows / grad_accum, T])."""
+    if rows % grad_accum:
+        raise ValueError(f"{rows} rows per update do not split into grad_accum={grad_accum} micro-batches")
+    fn = rl_step_fn(model, tx, schedule, loss_cfg, logprobs_impl=logprobs_impl)
+    return jit_step(fn, mesh, state_shardings,
+                    rl_batch_shardings(mesh, batch_keys(model, loss_cfg), rows_per_micro=rows // grad_accum))
+
+
+def split_rl_microbatches(batch: dict, grad_accum: int) -> dict:
+    """[rows, T] host arrays -> [grad_accum, rows / grad_accum, T]."""
+    rows = batch["inputs"].shape[0]
+    if rows % grad_accum:
+        raise ValueError(f"batch of {rows} rows does not split into grad_accum={grad_accum} micro-batches")
+    return {k: v.reshape(grad_accum, rows // grad_accum, *v.shape[1:]) for k, v in batch.items()}
+
+
+# ---------------------------------------------------------------------------------------------------- scoring pass
+
+
+def make_rl_scorer(model: PolicyModel, mesh, param_shardings, *, rows: int, temperature: float = 1.0,
+                   with_ref: bool = False, logprobs_impl: str = "auto"):
+    """A jitted forward-only pass over `rows` rows [rows, T] of a rollout batch:
+    `score(params, ref_params, batch) -> {"logp", "entropy"[, "ref_logp"][, "values"]}`, each float32 [rows, T]:
+    the old policy's log-probs (recomputed by the trainer's own forward and log-prob core, so the first PPO epoch
+    has ratio 1 exactly up to float rounding), its entropy, the reference's log-probs and the value model's values.
+    `ref_params` are decoder params sharded like the policy's (None without a reference)."""
+    lm = model.lm
+    in_sh = {k: rows_sharding(mesh, rows, 2, rows_axis=0) for k in ROW_KEYS}
+    out_sh = rows_sharding(mesh, rows, 2, rows_axis=0)
+
+    def f(params, ref_params, b):
+        h_BTD = lm.hidden(params["policy"], b["inputs"], b["positions"], b["segment_ids"])
+        out = lm.token_logprobs(params["policy"], h_BTD, b["targets"], temperature=temperature,
+                                return_entropy=True, impl=logprobs_impl)
+        res = {"logp": out.logp, "entropy": out.entropy}
+        if with_ref:
+            h_ref = lm.hidden(ref_params, b["inputs"], b["positions"], b["segment_ids"])
+            res["ref_logp"] = lm.token_logprobs(ref_params, h_ref, b["targets"], temperature=temperature,
+                                                impl=logprobs_impl).logp
+        if model.value != "none":
+            res["values"] = model.values(params, b, h_BTD)
+        return {k: v.astype(jnp.float32) for k, v in res.items()}
+
+    ref_sh = param_shardings["policy"] if with_ref else None
+    jitted = jax.jit(f, in_shardings=(param_shardings, ref_sh, in_sh), out_shardings=out_sh)
+
+    def run(params, ref_params, batch):
+        with jax.set_mesh(mesh):
+            return jitted(params, ref_params if with_ref else None, {k: batch[k] for k in ROW_KEYS})
+
+    run.jitted = jitted
+    return run
+
+
+# ---------------------------------------------------------------------------------------------------- advantages
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class AdvantageConfig:
+    """estimator: an `ADVANTAGE_ESTIMATORS` name. grpo_scale, grpo_eps: grpo's std scaling ("group", "batch",
+    "none") and epsilon. gamma, lam: discount and GAE lambda (reinforce_pp, gae). whiten: whiten GAE advantages over
+    the batch (verl, TRL); reinforce_pp always whitens."""
+
+    estimator: str = "grpo"
+    grpo_scale: str = "group"
+    grpo_eps: float = 1e-6
+    gamma: float = 1.0
+    lam: float = 0.95
+    whiten: bool = True
+
+    def __post_init__(self):
+        get_advantage_estimator(self.estimator)
+        if self.grpo_scale not in ("group", "batch", "none"):
+            raise ValueError(f"AdvantageConfig.grpo_scale must be group|batch|none, got {self.grpo_scale!r}")
+        if not (0 <= self.gamma <= 1 and 0 <= self.lam <= 1):
+            raise ValueError("AdvantageConfig: gamma and lam must be in [0, 1]")
+
+
+def compute_advantages(rewards_B, mask_BT, row_mask_B, old_logp_BT=None, ref_logp_BT=None, values_BT=None, *,
+                       cfg: AdvantageConfig, group_size: int, kl_coef: float = 0.0, kl_estimator: str = "k1"):
+    """(advantages [B, T], returns [B, T] or None, rewards used [B]) of a whole rollout batch (groups of
+    `group_size` consecutive rows; `row_mask_B` 0 on padding rows). With kl_coef > 0 the KL to the reference
+    (`kl_estimator` of old vs ref log-probs) is subtracted from the reward first: per sequence for the
+    sequence-level estimators, per token for reinforce_pp / gae. Pure; jit it with the keywords static."""
+    m_BT = mask_BT.astype(jnp.float32) * row_mask_B.astype(jnp.float32)[:, None]
+    r_B = rewards_B.astype(jnp.float32)
+    kl_BT = None
+    if kl_coef > 0:
+        kl_BT = get_kl_estimator(kl_estimator)(old_logp_BT, ref_logp_BT, m_BT)
+    est = get_advantage_estimator(cfg.estimator)
+    if cfg.estimator in SEQUENCE_LEVEL_ESTIMATORS:
+        if kl_BT is not None:
+            r_B = kl_penalty_sequence_rewards(r_B, kl_BT, m_BT, beta=kl_coef)
+        kw = {"scale": cfg.grpo_scale, "eps": cfg.grpo_eps} if cfg.estimator == "grpo" else {}
+        adv_B = est(r_B, group_size=group_size, mask_B=row_mask_B, **kw)
+        return broadcast_to_tokens(adv_B, m_BT), None, r_B
+    tok_BT = sequence_to_token_rewards(r_B, m_BT)
+    if kl_BT is not None:
+        tok_BT = kl_penalty_token_rewards(tok_BT, kl_BT, m_BT, beta=kl_coef)
+    if cfg.estimator == "gae":
+        adv_BT, ret_BT = est(tok_BT, m_BT, values_BT=values_BT, gamma=cfg.gamma, lam=cfg.lam)
+        if cfg.whiten:
+            adv_BT = masked_whiten(adv_BT, m_BT)
+        return adv_BT, ret_BT, r_B
+    adv_BT, ret_BT = est(tok_BT, m_BT, gamma=cfg.gamma)
+    return adv_BT, ret_BT, r_B
