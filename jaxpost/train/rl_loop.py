@@ -269,6 +269,8 @@ class RLTrainer:
             full["old_values"] = scored["values"]
             full["returns"] = np.asarray(returns)
 
+        self.last_batch = full  # (host arrays of this iteration's update batch, for inspection)
+
         # 5. ppo_epochs x minibatches updates
         t0 = time.perf_counter()
         step_metrics = []

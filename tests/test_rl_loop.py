@@ -1,0 +1,261 @@
+"""The RL host loop: reward functions (failures and timeouts scored 0 and counted), the prompt pipeline (resumable,
+errors named), the iteration (sampler and trainer agree: ratio 1 and no clipping at the first update; dynamic
+sampling), a tiny end-to-end run that raises the reward, and the recipe resumed after a preemption."""
+
+import json
+import os
+import time
+
+import jax
+import numpy as np
+import optax
+import pytest
+
+from jaxpost.config import DataConfig, MeshConfig, OptimConfig, TrainConfig
+from jaxpost.data import DataError, make_task
+from jaxpost.data.prompts import build_prompt_iterator
+from jaxpost.recipes import rl, sft
+from jaxpost.recipes.common import EvalConfig
+from jaxpost.rollout import Rollout
+from jaxpost.rollout.rewards import RewardSet, task_reward
+from jaxpost.tokenizer import train_tokenizer
+from jaxpost.train.loop import read_metrics
+from jaxpost.train.rl import AdvantageConfig, PolicyModel, RLLossConfig
+from jaxpost.train.rl_loop import RLTrainer, RolloutConfig, concat_rollouts
+from jaxpost.train.state import TrainState, abstract_train_state, state_shardings
+from tests.helpers import cached_lm, max_abs_diff, mesh_of, tiny_config
+
+
+# ------------------------------------------------------------------------------------------------ reward functions
+
+
+def test_reward_set_weights_and_scores_failures_and_timeouts_as_zero():
+    def good(prompt, completion, *, answer, **_):
+        return float(completion == answer)
+
+    def length(prompt, completion, **_):
+        return len(completion)
+
+    def broken(prompt, completion, **_):
+        if completion == "boom":
+            raise RuntimeError("bad input")
+        return float("nan") if completion == "nan" else 1.0
+
+    def hangs(prompt, completion, **_):
+        if completion == "slow":
+            time.sleep(30)
+        return 2.0
+
+    rs = RewardSet({"good": good, "length": length, "broken": broken, "hangs": hangs},
+                   weights={"length": 0.5, "hangs": 0.25}, timeout_s=0.5)
+    completions = ["7", "boom", "nan", "slow"]
+    t0 = time.perf_counter()
+    res = rs(["p"] * 4, completions, [{"answer": "7"}] * 4)
+    assert time.perf_counter() - t0 < 5.0  # the hung call is abandoned at the timeout
+    np.testing.assert_array_equal(res.per_function["good"], [1, 0, 0, 0])
+    np.testing.assert_array_equal(res.per_function["broken"], [1, 0, 0, 1])
+    np.testing.assert_array_equal(res.per_function["hangs"], [2, 2, 2, 0])
+    assert res.failed == {"good": 0, "length": 0, "broken": 2, "hangs": 0}
+    assert res.timed_out == {"good": 0, "length": 0, "broken": 0, "hangs": 1}
+    expected = np.array([1, 0, 0, 0]) + 0.5 * np.array([1, 4, 3, 4]) + np.array([1, 0, 0, 1]) + 0.25 * np.array(
+        [2, 2, 2, 0])
+    np.testing.assert_allclose(res.total, expected)
+    # inline (no threads): the same values
+    inline = RewardSet({"good": good, "broken": broken}, timeout_s=None)(["p"] * 3, completions[:3],
+                                                                         [{"answer": "7"}] * 3)
+    np.testing.assert_array_equal(inline.total, [2, 0, 0])
+    with pytest.raises(ValueError, match="unknown reward functions"):
+        RewardSet({"good": good}, weights={"bad": 1.0})
+
+
+def test_task_reward_receives_the_prompt_record_fields():
+    task = make_task("arithmetic", max_digits=2)
+    fn = task_reward(task)
+    ex = task.example("train", 3)
+    assert fn(ex["prompt"], ex["answer"], answer=ex["answer"]) == 1.0
+    assert fn(ex["prompt"], "garbage", answer=ex["answer"]) == 0.0
+
+
+# ------------------------------------------------------------------------------------------------ prompt pipeline
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return train_tokenizer(make_task("arithmetic", max_digits=2).corpus(400), vocab_size=64)
+
+
+def test_prompt_iterator_resumes_exactly_and_names_bad_records(tokenizer):
+    task = make_task("arithmetic", max_digits=2)
+    source = task.source("train", length=100)
+    it = build_prompt_iterator(source, tokenizer, batch_size=8, max_prompt_len=24, seed=3)
+    next(it), next(it)
+    state = it.get_state()
+    expected = [[p.index for p in next(it)] for _ in range(15)]  # crosses an epoch boundary
+    again = build_prompt_iterator(source, tokenizer, batch_size=8, max_prompt_len=24, seed=3)
+    again.set_state(state)
+    assert [[p.index for p in next(again)] for _ in range(15)] == expected
+    assert again.stats["prompts_seen"] == 8 * 17
+    p = next(again)[0]
+    assert p.text == task.example("train", p.index)["prompt"]
+    assert p.example["answer"] == task.example("train", p.index)["answer"]
+    assert "completion" not in p.example and p.example["reference"] == p.example["answer"]
+    assert p.ids[-1] == tokenizer.encode_chat([{"role": "user", "content": p.text}], add_generation_prompt=True)[0][-1]
+    with pytest.raises(ValueError, match="settings differ"):
+        build_prompt_iterator(source, tokenizer, batch_size=4, max_prompt_len=24, seed=3).set_state(state)
+
+    bad = [{"prompt": "What is 1 + 1?"}, {"question": "no prompt"}]
+    with pytest.raises(DataError, match="prompt 1: .*neither"):
+        list(zip(range(2), build_prompt_iterator(bad, tokenizer, batch_size=1, max_prompt_len=24, shuffle=False)))
+    with pytest.raises(DataError, match="prompt 0: .* tokens > max_prompt_len=4"):
+        next(build_prompt_iterator(bad, tokenizer, batch_size=1, max_prompt_len=4, shuffle=False))
+
+
+# ------------------------------------------------------------------------------------------------ the iteration
+
+
+def _trainer(lm, params, tokenizer, rollout: RolloutConfig, rewards, *, mesh, loss=None, lr=3e-3, value="none",
+             advantage=None):
+    model = PolicyModel(lm, value=value)
+    tx = optax.adam(lr)
+    abstract = abstract_train_state(model, tx)
+    sh = state_shardings(abstract, model.param_shardings(mesh), tx, mesh)
+
+    def make(p, key):
+        full = model.from_policy(p, key)
+        return TrainState(step=jax.numpy.zeros((), jax.numpy.int32), params=full, opt_state=tx.init(full), rng=key)
+
+    state = jax.jit(make, out_shardings=sh)(params, jax.random.PRNGKey(0))
+    loss = loss or RLLossConfig(eps_high=0.28)
+    trainer = RLTrainer(model=model, tx=tx, schedule=optax.constant_schedule(lr), mesh=mesh, state_shardings=sh,
+                        tokenizer=tokenizer, rewards=rewards, rollout=rollout, loss=loss,
+                        advantage=advantage or AdvantageConfig(), ref_params=params, accuracy_key=None)
+    return trainer, state
+
+
+def _digits(prompt, completion, **_):
+    """A dense reward on a trivial task: the fraction of digits in the completion."""
+    return sum(c.isdigit() for c in completion) / max(len(completion), 1)
+
+
+def test_tiny_grpo_run_raises_the_reward_and_the_first_update_has_ratio_one(tokenizer):
+    lm, params = cached_lm(tiny_config())
+    task = make_task("arithmetic", max_digits=2)
+    prompts = build_prompt_iterator(task.source("train"), tokenizer, batch_size=8, max_prompt_len=16, seed=0)
+    ro = RolloutConfig(prompts_per_step=8, group_size=8, max_new_tokens=6, max_prompt_len=16, ppo_epochs=2,
+                       minibatches=2)
+    trainer, state = _trainer(lm, params, tokenizer, ro, RewardSet({"digits": _digits}, timeout_s=None),
+                              mesh=mesh_of(4, 2, 1), lr=1e-2)
+    history = []
+    for _ in range(12):
+        state, m = trainer.iteration(state, next(prompts))
+        history.append(m)
+    first = history[0]
+    # the sampler's log-probs are the trainer's (same forward, same core) and the first update sees ratio 1
+    assert first["sampler_logp_diff"] < 1e-4
+    assert abs(first["first_update_ratio"] - 1.0) < 1e-5 and first["first_update_clip_frac"] == 0.0
+    assert int(jax.device_get(state.step)) == 12 * 4
+    assert abs(history[0]["kl_ref_k3"]) < 1e-6 < history[-1]["kl_ref_k3"]
+    start = first["reward_mean"]
+    end = np.mean([m["reward_mean"] for m in history[-3:]])
+    assert end > start + 0.25, [round(m["reward_mean"], 3) for m in history]
+    for key in ("reward_std", "entropy", "clip_frac", "approx_kl", "response_length", "zero_adv_group_frac",
+                "rollout_time_s", "update_time_s", "score_time_s", "reward_time_s"):
+        assert np.isfinite(first[key]), key
+
+
+def test_concat_rollouts_keeps_the_chosen_groups_and_pads_with_empty_ones():
+    def part(offset, n_prompts, G=2, N=3):
+        R = n_prompts * G
+        return Rollout(tokens=np.arange(R * N, dtype=np.int32).reshape(R, N) + offset,
+                       mask=np.ones((R, N), bool), logprobs=-np.ones((R, N), np.float32),
+                       lengths=np.full((R,), N, np.int32), finish=np.zeros((R,), np.int32),
+                       prompt_index=np.repeat(np.arange(n_prompts, dtype=np.int32), G),
+                       prompts=[np.array([offset + p], np.int32) for p in range(n_prompts)], steps=N)
+
+    a, b = part(0, 2), part(100, 2)
+    out, row_mask = concat_rollouts([a, b], [(0, 1), (1, 0)], 2, pad_id=0, total_groups=3)
+    np.testing.assert_array_equal(out.tokens[:2], a.tokens[2:4])
+    np.testing.assert_array_equal(out.tokens[2:4], b.tokens[0:2])
+    np.testing.assert_array_equal(row_mask, [1, 1, 1, 1, 0, 0])
+    assert [int(p[0]) for p in out.prompts] == [1, 100, 1]
+    np.testing.assert_array_equal(out.lengths[4:], 0)
+    assert not out.mask[4:].any()
+
+
+def test_dynamic_sampling_keeps_only_groups_with_unequal_rewards(tokenizer):
+    lm, params = cached_lm(tiny_config())
+    task = make_task("arithmetic", max_digits=2)
+    prompts = build_prompt_iterator(task.source("train"), tokenizer, batch_size=4, max_prompt_len=16, seed=1)
+
+    def coin(prompt, completion, **_):  # depends on the sample: most groups are mixed
+        return float(len(completion) % 2)
+
+    ro = RolloutConfig(prompts_per_step=4, group_size=4, max_new_tokens=6, max_prompt_len=16, dynamic_sampling=True,
+                       max_sampling_rounds=3)
+    trainer, state = _trainer(lm, params, tokenizer, ro, RewardSet({"coin": coin}, timeout_s=None),
+                              mesh=mesh_of(4, 2, 1))
+    state, m = trainer.iteration(state, next(prompts), more_prompts=lambda: next(prompts))
+    assert m["batch_groups"] == 4.0 and m["zero_adv_group_frac"] < 1.0
+    assert 1.0 <= m["sampling_rounds"] <= 3.0
+
+    def constant(prompt, completion, **_):  # every group has equal rewards: nothing to learn from
+        return 1.0
+
+    trainer, state = _trainer(lm, params, tokenizer, ro, RewardSet({"constant": constant}, timeout_s=None),
+                              mesh=mesh_of(4, 2, 1))
+    before = jax.device_get(state.params)
+    state, m = trainer.iteration(state, next(prompts), more_prompts=lambda: next(prompts))
+    assert m["batch_groups"] == 0.0 and m["sampling_rounds"] == 3.0 and m["zero_adv_group_frac"] == 1.0
+    assert m["tokens"] == 0.0 and max_abs_diff(jax.device_get(state.params), before) == 0.0
+
+
+# ------------------------------------------------------------------------------------------------ the recipe
+
+EVAL = EvalConfig(n_examples=8, batch_size=8)
+
+
+@pytest.fixture(scope="module")
+def sft_dir(tmp_path_factory):
+    path = str(tmp_path_factory.mktemp("sft"))
+    cfg = sft.SFTConfig(steps=6, model=tiny_config(), data=DataConfig(seq_len=32, batch_size=8),
+                        optim=OptimConfig(lr=3e-3, warmup_steps=2), mesh=MeshConfig(data=8, fsdp=1, tensor=1),
+                        train=TrainConfig(checkpoint_every=0, log_every=3), eval=EVAL)
+    sft.run(cfg, path)
+    return path
+
+
+def test_ppo_recipe_resumed_after_preemption_continues_exactly(sft_dir, tmp_path):
+    value = "head"  # PPO with a value head: the state holds the head, GAE needs the values
+    ro = RolloutConfig(prompts_per_step=4, group_size=4, max_new_tokens=5, max_prompt_len=16, minibatches=2)
+    adv = AdvantageConfig(estimator="gae" if value == "head" else "grpo")
+    cfg = rl.RLConfig(steps=3, init_from=sft_dir, value=value, rollout=ro, advantage=adv,
+                      loss=RLLossConfig(eps_high=0.28, kl_coef=0.01), optim=OptimConfig(lr=1e-3, warmup_steps=1),
+                      mesh=MeshConfig(data=4, fsdp=2, tensor=1),
+                      train=TrainConfig(checkpoint_every=1, log_every=1, async_checkpoints=False), eval=EVAL)
+    straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
+    full = rl.run(cfg, straight)
+    assert rl.run(cfg, resumed, stop_at=1) is None
+    res = rl.run(cfg, resumed)
+    assert res["resumed_from_step"] == 1
+    a = [r for r in read_metrics(os.path.join(straight, "metrics.jsonl")) if "loss" in r]
+    b = [r for r in read_metrics(os.path.join(resumed, "metrics.jsonl")) if "loss" in r]
+    assert [r["step"] for r in b] == [1, 2, 3]
+    for ra, rb in zip(a, b):
+        for k in ("loss", "reward_mean", "response_length", "kl_ref_k3", "grad_norm"):
+            assert ra[k] == pytest.approx(rb[k], rel=1e-5, abs=1e-7), (ra["step"], k)
+    assert res["accuracy_after"] == full["accuracy_after"]
+    for name in ("config.json", "metrics.jsonl", "rl.png", "results.json", "tokenizer.model"):
+        assert os.path.exists(os.path.join(resumed, name)), name
+    saved = json.load(open(os.path.join(resumed, "results.json")))
+    assert set(saved) >= {"accuracy_before", "accuracy_after", "wall_time_s", "rl_time_s"}
+
+
+def test_rl_config_errors_are_named():
+    with pytest.raises(ValueError, match="gae estimator needs a value model"):
+        rl.RLConfig(advantage=AdvantageConfig(estimator="gae"))
+    with pytest.raises(ValueError, match="needs reference=True"):
+        rl.RLConfig(reference=False, loss=RLLossConfig(kl_coef=0.1))
+    with pytest.raises(ValueError, match="must equal"):
+        rl.RLConfig(loss=RLLossConfig(temperature=0.7))
+    with pytest.raises(ValueError, match="do not split"):
+        RolloutConfig(prompts_per_step=3, group_size=3, minibatches=2)
