@@ -35,7 +35,7 @@ from jaxpost.models.heads import ScalarHeadLM
 from jaxpost.recipes import sft as sft_recipe
 from jaxpost.recipes.common import (EvalConfig, close_checkpoints, restore_or_init, setup_logging, task_accuracy)
 from jaxpost.recipes.dpo import load_params, sft_start
-from jaxpost.rollout.rewards import LearnedReward, RewardSet, task_reward
+from jaxpost.rollout.rewards import LearnedReward, RewardSet, digit_match_reward, task_reward
 from jaxpost.sharding import make_mesh
 from jaxpost.tokenizer import Tokenizer
 from jaxpost.train.checkpoint import Checkpointer
@@ -65,6 +65,7 @@ class RLConfig:
     loss: RLLossConfig = dataclasses.field(default_factory=lambda: RLLossConfig(eps_high=0.28))
     advantage: AdvantageConfig = dataclasses.field(default_factory=AdvantageConfig)
     correctness_weight: float = 1.0
+    digit_match_weight: float = 0.0  # partial credit per correct digit (jaxpost.rollout.rewards.digit_match_reward)
     reward_model: str = ""  # an RM workdir; its score is added with weight reward_model_weight
     reward_model_weight: float = 1.0
     reward_timeout_s: float = 10.0
@@ -142,6 +143,8 @@ def run(cfg: RLConfig, workdir: str, *, stop_at: int | None = None) -> dict | No
         del start_params
 
     functions, weights = {"correct": task_reward(task)}, {"correct": cfg.correctness_weight}
+    if cfg.digit_match_weight:
+        functions["digit_match"], weights["digit_match"] = digit_match_reward, cfg.digit_match_weight
     rewards = RewardSet(functions, weights=weights, timeout_s=cfg.reward_timeout_s)
     learned = None
     if cfg.reward_model:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import re
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -126,6 +127,24 @@ def task_reward(task) -> RewardFn:
     def correct(prompt: str, completion: str, *, answer, **_) -> float:
         return float(task.check(completion, answer))
     return correct
+
+
+def digit_match_reward(prompt: str, completion: str, *, answer, **_) -> float:
+    """Partial credit for an integer answer: the fraction of the answer's digit positions (aligned from the units)
+    and sign that the first integer of the completion gets right, 0 without an integer; 1 exactly when the integer
+    equals the answer. A denser signal than exact match for a model that gets some digits right (the units digit of
+    a sum before its tens digit), meant to be weighted below the exact-match reward."""
+    match = re.search(r"-?\d+", completion)
+    if match is None:
+        return 0.0
+    got, want = match.group(), str(answer).strip()
+    if not re.fullmatch(r"-?\d+", want):
+        return 0.0
+    sg, sw = got.startswith("-"), want.startswith("-")
+    dg, dw = got.lstrip("-")[::-1], want.lstrip("-")[::-1]
+    width = max(len(dg), len(dw))
+    hits = sum(i < len(dg) and i < len(dw) and dg[i] == dw[i] for i in range(width)) + (sg == sw)
+    return hits / (width + 1)
 
 
 class LearnedReward:
