@@ -180,12 +180,18 @@ def test_critic_gradient_does_not_reach_the_policy_and_the_head_one_does():
         loss_cfg = RLLossConfig(vf_coef=1.0)
         tx = optax.sgd(1.0)
         state, _ = make_state(model, params, tx)
+        # a non-zero head (at w = 0 no gradient reaches the hidden states through it)
+        head = {"w": 0.1 * jax.random.normal(jax.random.PRNGKey(5), (lm.cfg.d_model,)), "b": jnp.zeros((1,))}
+        state = state.replace(params={**state.params, "value": {**state.params["value"], "head": head}})
         batch, _ = full_batch(model, state.params, rows, loss_cfg)
         batch["advantages"] = np.zeros_like(batch["advantages"])
         batch["returns"] = np.ones_like(batch["returns"])
         new, m = jax.jit(rl_step_fn(model, tx, optax.constant_schedule(1.0), loss_cfg))(
             state, split_rl_microbatches(batch, 1))
-        np.testing.assert_allclose(float(m["vf_loss"]), 0.5, rtol=1e-6)  # 0.5 (0 - 1)^2 at a zero head
+        v = np.asarray(model.values(state.params, rows, lm.hidden(params, rows["inputs"], rows["positions"],
+                                                                   rows["segment_ids"])))
+        mask = rows["loss_mask"]
+        np.testing.assert_allclose(float(m["vf_loss"]), np.sum(0.5 * (v - 1) ** 2 * mask) / np.sum(mask), rtol=1e-5)
         moved = max_abs_diff(new.params["policy"], state.params["policy"])
         assert (moved == 0.0) == (value == "critic"), (value, moved)
         assert max_abs_diff(new.params["value"]["head"], state.params["value"]["head"]) > 0
