@@ -17,6 +17,7 @@ from jaxpost.train.rl_loop import RolloutConfig
 
 CONFIG = dataclasses.replace(
     grpo_arith.CONFIG,
+    steps=50,
     value="head",
     advantage=AdvantageConfig(estimator="gae", gamma=1.0, lam=0.95, whiten=True),
     loss=RLLossConfig(eps_low=0.2, eps_high=0.2, kl_coef=0.01, kl_estimator="k1", kl_in="reward", vf_coef=0.1,
