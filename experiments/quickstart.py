@@ -21,10 +21,12 @@ def main(cfg: rl.RLConfig, workdir: str) -> None:
     results = rl.run(cfg, workdir)  # runs the SFT start into workdir/sft first
     with open(os.path.join(results["sft_dir"], "results.json")) as f:
         sft = json.load(f)
+    with open(os.path.join(results["sft_dir"], "config.json")) as f:
+        n_sft, n_rl = json.load(f)["eval"]["n_examples"], cfg.eval.n_examples
     print(f"\nheld-out accuracy: {sft['accuracy_before']:.1%} before SFT -> {sft['accuracy_after']:.1%} after "
-          f"{sft['steps']} SFT steps ({sft['wall_time_s']:.0f} s) -> {results['accuracy_after']:.1%} after "
-          f"{results['steps']} GRPO iterations ({results['rl_time_s']:.0f} s). Curves: {workdir}/rl.png, "
-          f"{results['sft_dir']}/sft.png")
+          f"{sft['steps']} SFT steps ({n_sft} problems, {sft['wall_time_s']:.0f} s); GRPO from it: "
+          f"{results['accuracy_before']:.1%} -> {results['accuracy_after']:.1%} after {results['steps']} iterations "
+          f"({n_rl} problems, {results['rl_time_s']:.0f} s). Curves: {workdir}/rl.png, {results['sft_dir']}/sft.png")
     for ex in results["samples"]:
         print(f"  {ex['prompt']!r:28} -> {ex['completion']!r:8} (answer {ex['answer']})")
 
