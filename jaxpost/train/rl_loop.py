@@ -93,10 +93,9 @@ def concat_rollouts(parts: Sequence[Rollout], groups: Sequence[tuple[int, int]],
     """A rollout of the groups `(part, group)` chosen from `parts`, padded with empty groups to `total_groups`
     (copies of the first group's prompt with zero-length completions); returns it and the row mask [rows]."""
     N = max(p.tokens.shape[1] for p in parts)
-    prompts, rows, mask_rows = [], [], []
-    for gi, (pi, g) in enumerate(groups):
-        part = parts[pi]
-        prompts.append(part.prompts[g])
+    prompts, rows = [], []
+    for pi, g in groups:
+        prompts.append(parts[pi].prompts[g])
         rows += [(pi, g * group_size + j) for j in range(group_size)]
     R = total_groups * group_size
     tokens = np.full((R, N), pad_id, np.int32)
@@ -115,8 +114,7 @@ def concat_rollouts(parts: Sequence[Rollout], groups: Sequence[tuple[int, int]],
         prompts += [filler] * (total_groups - len(groups))
     row_mask = np.zeros((R,), np.float32)
     row_mask[:len(rows)] = 1.0
-    mask_rows = np.arange(N)[None, :] < lengths[:, None]
-    return Rollout(tokens=tokens, mask=mask_rows, logprobs=logprobs, lengths=lengths, finish=finish,
+    return Rollout(tokens=tokens, mask=np.arange(N)[None, :] < lengths[:, None], logprobs=logprobs, lengths=lengths, finish=finish,
                    prompt_index=np.repeat(np.arange(total_groups, dtype=np.int32), group_size), prompts=prompts,
                    steps=max(p.steps for p in parts)), row_mask
 
