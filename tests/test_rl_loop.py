@@ -259,3 +259,19 @@ def test_rl_config_errors_are_named():
         rl.RLConfig(loss=RLLossConfig(temperature=0.7))
     with pytest.raises(ValueError, match="do not split"):
         RolloutConfig(prompts_per_step=3, group_size=3, minibatches=2)
+
+
+def test_learned_reward_scores_rows_at_the_last_completion_token():
+    from jaxpost.models.heads import ScalarHeadLM
+    from jaxpost.rollout.rewards import LearnedReward
+    from jaxpost.train.rm import sequence_rewards
+    from tests.test_rl_step import rollout_rows
+
+    model = ScalarHeadLM(tiny_config(), head_init_std=0.5)
+    mesh = mesh_of(4, 2, 1)
+    params = model.init(jax.random.PRNGKey(0), mesh)
+    rows = rollout_rows(np.random.default_rng(6), 12, 12)
+    got = LearnedReward(model, params, mesh, rows=8)(rows)  # 12 rows in two calls, the second one padded
+    expected = np.asarray(sequence_rewards(model, params, rows))
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
+    assert np.std(got) > 0
