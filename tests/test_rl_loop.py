@@ -196,7 +196,7 @@ def test_dynamic_sampling_keeps_only_groups_with_unequal_rewards(tokenizer):
                               mesh=mesh_of(4, 2, 1))
     state, m = trainer.iteration(state, next(prompts), more_prompts=lambda: next(prompts))
     assert m["batch_groups"] == 4.0 and m["zero_adv_group_frac"] < 1.0
-    assert 1.0 <= m["sampling_rounds"] <= 3.0
+    assert m["sampling_rounds"] in (1.0, 2.0, 3.0)
 
     def constant(prompt, completion, **_):  # every group has equal rewards: nothing to learn from
         return 1.0
