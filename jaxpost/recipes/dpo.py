@@ -112,14 +112,16 @@ def sft_start(workdir: str, init_from: str, sft_cfg: sft_recipe.SFTConfig):
 
 
 def load_params(lm: LM, mesh, sft_dir: str):
-    """The final params of an SFT workdir, restored directly into their sharded layout."""
+    """The final params of a workdir (an SFT run's decoder, or any model with `abstract_params` and
+    `param_shardings`, e.g. a reward model's `ScalarHeadLM`), restored directly into their sharded layout."""
     ckpt = Checkpointer(os.path.join(sft_dir, "checkpoints"), async_save=False)
-    step = ckpt.latest_step()
-    if step is None:
-        raise FileNotFoundError(f"{sft_dir}/checkpoints holds no complete checkpoint")
-    params = ckpt.restore_params(step, with_shardings(lm.abstract_params, lm.param_shardings(mesh)))
-    ckpt.close()
-    return params
+    try:
+        step = ckpt.latest_step()
+        if step is None:
+            raise FileNotFoundError(f"{sft_dir}/checkpoints holds no complete checkpoint")
+        return ckpt.restore_params(step, with_shardings(lm.abstract_params, lm.param_shardings(mesh)))
+    finally:
+        ckpt.close()
 
 
 def build_pairs(cfg: DPOConfig, lm, params, tokenizer, task, mesh, path: str) -> list[dict]:

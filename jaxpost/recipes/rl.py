@@ -44,7 +44,7 @@ from jaxpost.train.optim import make_optimizer
 from jaxpost.train.plots import plot_metrics
 from jaxpost.train.rl import AdvantageConfig, PolicyModel, RLLossConfig
 from jaxpost.train.rl_loop import RLTrainer, RolloutConfig
-from jaxpost.train.state import TrainState, abstract_train_state, state_shardings, with_shardings
+from jaxpost.train.state import TrainState, abstract_train_state, state_shardings
 
 log = logging.getLogger("jaxpost")
 
@@ -93,13 +93,7 @@ def load_reward_model(path: str, model_cfg, mesh):
     """(ScalarHeadLM, params) of an RM workdir (`jaxpost.recipes.rm`), restored sharded; its model config must be
     the policy's."""
     model = ScalarHeadLM(model_cfg)
-    ckpt = Checkpointer(os.path.join(path, "checkpoints"), async_save=False)
-    step = ckpt.latest_step()
-    if step is None:
-        raise FileNotFoundError(f"reward_model={path!r}: no complete checkpoint in {path}/checkpoints")
-    params = ckpt.restore_params(step, with_shardings(model.abstract_params, model.param_shardings(mesh)))
-    ckpt.close()
-    return model, params
+    return model, load_params(model, mesh, path)
 
 
 def run(cfg: RLConfig, workdir: str, *, stop_at: int | None = None) -> dict | None:
