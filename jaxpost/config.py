@@ -10,6 +10,7 @@ import dataclasses
 from typing import Literal
 
 DTYPES = ("float32", "bfloat16")
+ROPE_SCALINGS = ("none", "llama3")
 
 
 def _positive(obj, *names):
@@ -25,6 +26,8 @@ class ModelConfig:
 
     `head_dim` defaults to d_model // n_heads. `qkv_bias` is Qwen2's attention bias; `qk_norm` is Qwen3's RMSNorm on
     queries and keys per head. `dtype` is the compute dtype (parameters stay in `param_dtype`, float32 master weights).
+    `rope_scaling="llama3"` rescales the RoPE frequencies as Llama 3.1 does (`rope_factor`, `rope_low_freq_factor`,
+    `rope_high_freq_factor`, `rope_original_max_len`; see `jaxpost.models.transformer.rope_frequencies`).
     """
 
     name: str = "custom"
@@ -36,6 +39,11 @@ class ModelConfig:
     head_dim: int = 0
     mlp_dim: int = 1024
     rope_theta: float = 10_000.0
+    rope_scaling: str = "none"
+    rope_factor: float = 8.0
+    rope_low_freq_factor: float = 1.0
+    rope_high_freq_factor: float = 4.0
+    rope_original_max_len: int = 8192
     rms_eps: float = 1e-6
     qkv_bias: bool = False
     qk_norm: bool = False
@@ -61,6 +69,13 @@ class ModelConfig:
         for f in ("dtype", "param_dtype"):
             if getattr(self, f) not in DTYPES:
                 raise ValueError(f"ModelConfig.{f} must be one of {DTYPES}, got {getattr(self, f)!r}")
+        if self.rope_scaling not in ROPE_SCALINGS:
+            raise ValueError(f"ModelConfig.rope_scaling must be one of {ROPE_SCALINGS}, got {self.rope_scaling!r}")
+        if self.rope_scaling == "llama3":
+            _positive(self, "rope_factor", "rope_low_freq_factor", "rope_original_max_len")
+            if self.rope_high_freq_factor <= self.rope_low_freq_factor:
+                raise ValueError(f"ModelConfig.rope_high_freq_factor={self.rope_high_freq_factor} must exceed "
+                                 f"rope_low_freq_factor={self.rope_low_freq_factor}")
 
     @property
     def n_params(self) -> int:
@@ -103,10 +118,11 @@ class ModelConfig:
 
     @classmethod
     def llama3_1_8b(cls, **kw) -> ModelConfig:
-        # Llama 3.1 also rescales RoPE frequencies for long context (factor 8); shapes do not depend on it.
+        # Llama 3.1 rescales the RoPE frequencies for long context (its config.json's rope_scaling).
         return cls(**{**dict(name="llama3_1_8b", vocab_size=128256, d_model=4096, n_layers=32, n_heads=32,
-                             n_kv_heads=8, mlp_dim=14336, rope_theta=500_000.0, rms_eps=1e-5, max_seq_len=131072,
-                             dtype="bfloat16"), **kw})
+                             n_kv_heads=8, mlp_dim=14336, rope_theta=500_000.0, rope_scaling="llama3",
+                             rope_factor=8.0, rope_low_freq_factor=1.0, rope_high_freq_factor=4.0,
+                             rope_original_max_len=8192, rms_eps=1e-5, max_seq_len=131072, dtype="bfloat16"), **kw})
 
     @classmethod
     def qwen2_5_0_5b(cls, **kw) -> ModelConfig:

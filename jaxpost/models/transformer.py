@@ -56,9 +56,26 @@ class RMSNorm(nnx.Module):
         return rms_norm(x, self.scale[...], self.eps)
 
 
-def rope_frequencies(head_dim: int, theta: float) -> Float[Array, "hd2"]:
-    """Inverse frequencies theta^(-2i/head_dim), i < head_dim/2."""
-    return 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+def rope_frequencies(cfg: ModelConfig) -> Float[Array, "hd2"]:
+    """Inverse frequencies f_i = theta^(-2i/head_dim), i < head_dim/2, float32.
+
+    With `cfg.rope_scaling == "llama3"` (Llama 3.1; transformers' `_compute_llama3_parameters`), with wavelength
+    w_i = 2 pi / f_i, L = rope_original_max_len, lo/hi the low/high frequency factors and s the factor: f_i stays if
+    w_i < L / hi, becomes f_i / s if w_i > L / lo, and in between is (1 - a) f_i / s + a f_i with
+    a = (L / w_i - lo) / (hi - lo).
+    """
+    hd = cfg.head_dim
+    inv_freq = 1.0 / (cfg.rope_theta ** (jnp.arange(0, hd, 2, dtype=jnp.float32) / hd))
+    if cfg.rope_scaling == "none":
+        return inv_freq
+    factor, lo, hi, L = (cfg.rope_factor, cfg.rope_low_freq_factor, cfg.rope_high_freq_factor,
+                         cfg.rope_original_max_len)
+    wavelen = 2 * jnp.pi / inv_freq
+    scaled = jnp.where(wavelen > L / lo, inv_freq / factor, inv_freq)
+    smooth = (L / wavelen - lo) / (hi - lo)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = ~(wavelen < L / hi) & ~(wavelen > L / lo)
+    return jnp.where(medium, smoothed, scaled).astype(jnp.float32)
 
 
 def rope_tables(positions_BT, inv_freq):
@@ -270,7 +287,7 @@ class Transformer(nnx.Module):
         if segment_ids_BT is None:
             segment_ids_BT = jnp.ones((B, T), jnp.int32)
         mask = attention_mask(segment_ids_BT)
-        rope = rope_tables(positions_BT, rope_frequencies(cfg.head_dim, cfg.rope_theta))
+        rope = rope_tables(positions_BT, rope_frequencies(cfg))
 
         table_VD = shard(self.embed[...], ("vocab", "embed"))  # gathered over fsdp; vocab stays over tensor
         x_BTD = jnp.take(table_VD, tokens_BT, axis=0).astype(cfg.dtype)
@@ -302,7 +319,7 @@ class Transformer(nnx.Module):
         s_S = jnp.arange(S, dtype=jnp.int32)
         mask_BCS = (s_S[None, None, :] >= kv_start_B[:, None, None]) & (s_S[None, None, :] <= q_slot_C[None, :, None])
         mask = mask_BCS[:, None, None]
-        rope = rope_tables(positions_BC, rope_frequencies(cfg.head_dim, cfg.rope_theta))
+        rope = rope_tables(positions_BC, rope_frequencies(cfg))
 
         table_VD = shard(self.embed[...], ("vocab", "embed"))
         x_BCD = shard(jnp.take(table_VD, tokens_BC, axis=0).astype(cfg.dtype), ("batch", "seq", "embed"))
