@@ -36,7 +36,7 @@ import jax
 import numpy as np
 
 from jaxpost.data.sources import DataError, normalize_record
-from jaxpost.tokenizer import Tokenizer
+from jaxpost.tokenizer import ChatTokenizer, Tokenizer
 
 __all__ = ["STATS_KEYS", "SFTIterator", "build_prompt_batches", "build_sft_iterator"]
 
@@ -369,8 +369,9 @@ def build_sft_iterator(
         raise ValueError(f"source must support len() and indexing, got {type(source).__name__}")
     if len(source) == 0:
         raise ValueError("source is empty")
-    if not isinstance(tokenizer, Tokenizer):
-        raise ValueError(f"tokenizer must be a jaxpost Tokenizer, got {type(tokenizer).__name__}")
+    if not isinstance(tokenizer, ChatTokenizer):
+        raise ValueError(f"tokenizer must be a jaxpost ChatTokenizer (Tokenizer or HFTokenizer), got "
+                         f"{type(tokenizer).__name__}")
     if on_empty not in _EMPTY_POLICIES:
         raise ValueError(f"on_empty must be one of {_EMPTY_POLICIES}, got {on_empty!r}")
     process_index, process_count, rows = _check_batching(seq_len=seq_len, batch_size=batch_size, overlong=overlong,

@@ -63,7 +63,7 @@ from jaxpost.data.pipeline import (_KEEP, _KEEP_TRUNCATED, SFTIterator, _check_b
                                    _empty_rows)
 from jaxpost.data.sources import DataError, FunctionSource, _json_type_name, read_jsonl
 from jaxpost.data.tasks import DEFAULT_SOURCE_LENGTH, Task
-from jaxpost.tokenizer import Tokenizer, validate_messages
+from jaxpost.tokenizer import ChatTokenizer, Tokenizer, validate_messages
 
 __all__ = [
     "NEAR_MISS_KINDS",
@@ -374,8 +374,9 @@ def _build(
         raise ValueError(f"source must support len() and indexing, got {type(source).__name__}")
     if len(source) == 0:
         raise ValueError("source is empty")
-    if not isinstance(tokenizer, Tokenizer):
-        raise ValueError(f"tokenizer must be a jaxpost Tokenizer, got {type(tokenizer).__name__}")
+    if not isinstance(tokenizer, ChatTokenizer):
+        raise ValueError(f"tokenizer must be a jaxpost ChatTokenizer (Tokenizer or HFTokenizer), got "
+                         f"{type(tokenizer).__name__}")
     process_index, process_count, local = _check_batching(seq_len=seq_len, batch_size=batch_size, overlong=overlong,
                                                           num_epochs=num_epochs, process_index=process_index,
                                                           process_count=process_count)
