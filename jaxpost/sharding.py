@@ -29,6 +29,7 @@ PARAM_RULES: dict[str, str | tuple[str, ...] | None] = {
     "kv_heads": "tensor",
     "head_dim": None,
     "norm": None,
+    "lora": None,  # the rank of a LoRA adapter: small, never split
 }
 
 # How activations are laid out during compute: the batch over every data-parallel axis, features replicated except
@@ -43,6 +44,7 @@ ACTIVATION_RULES: dict[str, str | tuple[str, ...] | None] = {
     "heads": "tensor",
     "kv_heads": "tensor",
     "head_dim": None,
+    "lora": None,
 }
 
 

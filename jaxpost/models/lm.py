@@ -13,38 +13,76 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxpost.config import ModelConfig
+from jaxpost.models import lora as lora_lib
+from jaxpost.models.lora import LoRAConfig
 from jaxpost.ops import token_logprobs
 from jaxpost.sharding import param_logical_axes, tree_shardings
 from jaxpost.models.transformer import KVCache, Transformer
 
 
 class LM:
-    def __init__(self, cfg: ModelConfig):
+    """With `lora` (rank > 0), the params tree also holds LoRA adapters (`jaxpost.models.lora`): `trainable` picks
+    them out (the steps differentiate and update only them) and `hidden(..., adapters=False)` runs the base model
+    alone on the same arrays (the reference policy of DPO and RL)."""
+
+    def __init__(self, cfg: ModelConfig, lora: LoRAConfig | None = None):
         self.cfg = cfg
-        abstract = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0)))
+        self.lora = lora if lora is not None and lora.enabled else None
+        abstract = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0), lora=self.lora))
         self.graphdef, state = nnx.split(abstract)
         self.abstract_params = state.to_pure_dict()
         self.logical_axes = param_logical_axes(state)
+        self.base = LM(cfg) if self.lora is not None else self
+
+    # ---- LoRA: which params train ----------------------------------------------------------------------------
+    def trainable(self, params):
+        """The params a step differentiates and the optimizer updates: all of them, or the adapters alone."""
+        return params if self.lora is None else lora_lib.adapter_params(params)
+
+    def with_trainable(self, params, trainable):
+        """`params` with its trainable part replaced by `trainable` (the inverse of `trainable`)."""
+        return trainable if self.lora is None else lora_lib.with_adapters(params, trainable)
+
+    def add_adapters(self, base_params, key: jax.Array, mesh=None):
+        """Params of this (LoRA) model from base decoder params (e.g. a pretrained checkpoint) and fresh adapters,
+        created sharded on `mesh`. The base arrays are used as they are."""
+        if self.lora is None:
+            raise ValueError("add_adapters: this LM has no LoRA config (LM(cfg, lora=LoRAConfig(rank=...)))")
+        fresh = self.init(key, mesh, adapters_only=True)
+        return lora_lib.with_adapters(lora_lib.base_params(base_params), fresh)
+
+    def merged(self, params):
+        """Plain decoder params with the adapters folded into the base weights (for export); params unchanged
+        without LoRA."""
+        return params if self.lora is None else lora_lib.merge_adapters(params, self.lora)
 
     def param_shardings(self, mesh):
         return tree_shardings(self.abstract_params, self.logical_axes, mesh)
 
-    def init(self, key: jax.Array, mesh=None):
-        """Random params, created directly in their sharded layout on `mesh` (never whole on one device)."""
+    def init(self, key: jax.Array, mesh=None, *, adapters_only: bool = False):
+        """Random params, created directly in their sharded layout on `mesh` (never whole on one device). With
+        `adapters_only`, just the LoRA adapters (A random, B zero)."""
         cfg = self.cfg
 
         def make(key):
-            return nnx.split(Transformer(cfg, rngs=nnx.Rngs(key)))[1].to_pure_dict()
+            params = nnx.split(Transformer(cfg, rngs=nnx.Rngs(key), lora=self.lora))[1].to_pure_dict()
+            return lora_lib.adapter_params(params) if adapters_only else params
 
         shardings = self.param_shardings(mesh) if mesh is not None else None
+        if shardings is not None and adapters_only:
+            shardings = lora_lib.adapter_params(shardings)
         return jax.jit(make, out_shardings=shardings)(key)
 
     def module(self, params) -> Transformer:
         return nnx.merge(self.graphdef, params)
 
-    def hidden(self, params, tokens_BT, positions_BT=None, segment_ids_BT=None):
-        """Final hidden states [B, T, D] in the compute dtype."""
-        return self.module(params)(tokens_BT, positions_BT, segment_ids_BT)
+    def hidden(self, params, tokens_BT, positions_BT=None, segment_ids_BT=None, *, adapters: bool = True,
+               dropout_key=None):
+        """Final hidden states [B, T, D] in the compute dtype. adapters=False runs the base model of a LoRA model
+        (its adapters ignored); dropout_key: a training step's key for LoRA dropout."""
+        if self.lora is not None and not adapters:
+            return self.base.hidden(lora_lib.base_params(params), tokens_BT, positions_BT, segment_ids_BT)
+        return self.module(params)(tokens_BT, positions_BT, segment_ids_BT, dropout_key=dropout_key)
 
     def unembedding(self, params):
         """The output matrix [D, V] in the compute dtype."""

@@ -27,10 +27,12 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 from jaxtyping import Array, Float, Int
 
 from jaxpost.config import ModelConfig
+from jaxpost.models.lora import LoRAConfig, lora_shapes
 from jaxpost.sharding import shard
 
 _MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
@@ -120,6 +122,44 @@ def dense(x, w, dt):
     return y.reshape(*x.shape[:-1], *w.shape[1:])
 
 
+def create_adapters(module: nnx.Module, cfg: ModelConfig, lora: LoRAConfig | None, targets, rngs: nnx.Rngs):
+    """Sets `module.lora` and, for each of `targets` that `lora` adapts, the params `{t}_lora_a` (kaiming-uniform)
+    and `{t}_lora_b` (zeros) on `module` (see `jaxpost.models.lora`)."""
+    module.lora = lora if lora is not None and lora.enabled else None
+    if module.lora is None:
+        return
+    for t in targets:
+        if t not in module.lora.targets:
+            continue
+        a_shape, a_axes, b_shape, b_axes = lora_shapes(
+            t, d_model=cfg.d_model, n_heads=cfg.n_heads, n_kv_heads=cfg.n_kv_heads, head_dim=cfg.head_dim,
+            mlp_dim=cfg.mlp_dim, rank=module.lora.rank)
+        fan_in = int(np.prod(a_shape[:-1]))
+        bound = fan_in ** -0.5  # PyTorch's kaiming_uniform_(a=sqrt(5)) on a [r, fan_in] weight, as PEFT does
+        a = jax.random.uniform(rngs.params(), a_shape, jnp.float32, -bound, bound)
+        setattr(module, f"{t}_lora_a", nnx.Param(a.astype(jnp.dtype(cfg.param_dtype)), axes=a_axes))
+        setattr(module, f"{t}_lora_b", nnx.Param(jnp.zeros(b_shape, jnp.dtype(cfg.param_dtype)), axes=b_axes))
+
+
+def lora_delta(module: nnx.Module, target: str, x, dt, dropout_key):
+    """s * (dropout(x) A) B of `module`'s adapter on `target` in compute dtype `dt`, or None when it has none.
+    x: [..., in] (the adapted projection's input, flattened like its weight's input dims)."""
+    lora = module.lora
+    if lora is None or target not in lora.targets:
+        return None
+    a = getattr(module, f"{target}_lora_a")[...]
+    b = getattr(module, f"{target}_lora_b")[...]
+    if dropout_key is not None and lora.dropout > 0:
+        key = jax.random.fold_in(dropout_key, LORA_TARGET_INDEX[target])
+        keep = jax.random.bernoulli(key, 1.0 - lora.dropout, x.shape)
+        x = jnp.where(keep, x / (1.0 - lora.dropout), 0).astype(x.dtype)
+    h = dense(x, a.reshape(x.shape[-1], -1), dt)
+    return dense(h, b, dt) * jnp.asarray(lora.scale, dt)
+
+
+LORA_TARGET_INDEX = {t: i for i, t in enumerate(("q", "k", "v", "o", "gate", "up", "down"))}
+
+
 def attention_mask(segment_ids_BT: Int[Array, "B T"]) -> jax.Array:
     """[B, 1, 1, T, T] boolean: causal and within the same segment (padding, segment 0, only sees padding)."""
     T = segment_ids_BT.shape[1]
@@ -154,7 +194,7 @@ CACHE_AXES = ("layers", "batch", "kv_heads", "seq", "head_dim")
 
 
 class Attention(nnx.Module):
-    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, lora: LoRAConfig | None = None):
         D, H, K, hd, pd = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.param_dtype
         std = cfg.init_std
         self.cfg = cfg
@@ -170,14 +210,25 @@ class Attention(nnx.Module):
         if cfg.qk_norm:
             self.q_norm = RMSNorm(hd, eps=cfg.rms_eps, axis_name="head_dim", param_dtype=pd)
             self.k_norm = RMSNorm(hd, eps=cfg.rms_eps, axis_name="head_dim", param_dtype=pd)
+        create_adapters(self, cfg, lora, ("q", "k", "v", "o"), rngs)
 
-    def _project(self, x_BTD, rope):
+    def _project(self, x_BTD, rope, dropout_key=None):
         """Queries [B, T, H, hd] and keys, values [B, T, K, hd], RoPE applied, in the compute dtype."""
         cfg = self.cfg
         dt = jnp.dtype(cfg.dtype)
         q_BTHh = dense(x_BTD, self.q[...], dt)
         k_BTKh = dense(x_BTD, self.k[...], dt)
         v_BTKh = dense(x_BTD, self.v[...], dt)
+        if self.lora is not None:
+            for name in ("q", "k", "v"):
+                delta = lora_delta(self, name, x_BTD, dt, dropout_key)
+                if delta is not None:
+                    if name == "q":
+                        q_BTHh += delta
+                    elif name == "k":
+                        k_BTKh += delta
+                    else:
+                        v_BTKh += delta
         if cfg.qkv_bias:
             q_BTHh += self.q_bias[...].astype(dt)
             k_BTKh += self.k_bias[...].astype(dt)
@@ -189,7 +240,7 @@ class Attention(nnx.Module):
         v_BTKh = shard(v_BTKh, ("batch", "seq", "kv_heads", "head_dim"))
         return q_BTHh, k_BTKh, v_BTKh
 
-    def _attend(self, q_BTHh, k_BKSh, v_BKSh, mask):
+    def _attend(self, q_BTHh, k_BKSh, v_BKSh, mask, dropout_key=None):
         """Attention of T queries over S head-major keys/values; mask [B, 1, 1, T, S] boolean. Output [B, T, D]."""
         dt = jnp.dtype(self.cfg.dtype)
         # Head-major layout: the G = H / K query heads that share a kv head are stacked along the query axis
@@ -204,12 +255,16 @@ class Attention(nnx.Module):
         probs_BKMS = jax.nn.softmax(scores_BKGTS, axis=-1).astype(dt).reshape(B, K, G * T, S)
         out_BKMh = jnp.einsum("bkms,bksh->bkmh", probs_BKMS, v_BKSh)
         out_BTHh = out_BKMh.reshape(B, K, G, T, hd).transpose(0, 3, 1, 2, 4).reshape(B, T, H, hd)
-        return dense(out_BTHh.reshape(B, T, H * hd), self.o[...].reshape(H * hd, -1), dt)
+        x_BTF = out_BTHh.reshape(B, T, H * hd)
+        out_BTD = dense(x_BTF, self.o[...].reshape(H * hd, -1), dt)
+        delta = lora_delta(self, "o", x_BTF, dt, dropout_key) if self.lora is not None else None
+        return out_BTD if delta is None else out_BTD + delta
 
-    def __call__(self, x_BTD, rope, mask):
-        """rope: (cos, sin) from `rope_tables`; mask: [B, 1, 1, T, T] boolean from `attention_mask`."""
-        q_BTHh, k_BTKh, v_BTKh = self._project(x_BTD, rope)
-        return self._attend(q_BTHh, k_BTKh.transpose(0, 2, 1, 3), v_BTKh.transpose(0, 2, 1, 3), mask)
+    def __call__(self, x_BTD, rope, mask, dropout_key=None):
+        """rope: (cos, sin) from `rope_tables`; mask: [B, 1, 1, T, T] boolean from `attention_mask`; dropout_key:
+        the LoRA dropout key of a training step (None: no dropout)."""
+        q_BTHh, k_BTKh, v_BTKh = self._project(x_BTD, rope, dropout_key)
+        return self._attend(q_BTHh, k_BTKh.transpose(0, 2, 1, 3), v_BTKh.transpose(0, 2, 1, 3), mask, dropout_key)
 
     def extend(self, x_BCD, rope, k_BKSh, v_BKSh, slot, mask):
         """C new tokens against one layer's cache: their keys/values are written at cache slots [slot, slot + C)
@@ -224,32 +279,43 @@ class Attention(nnx.Module):
 
 
 class MLP(nnx.Module):
-    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, lora: LoRAConfig | None = None):
         D, F, pd, std = cfg.d_model, cfg.mlp_dim, cfg.param_dtype, cfg.init_std
         self.cfg = cfg
         self.gate = _param(rngs, (D, F), ("embed", "mlp"), std=std, dtype=pd)
         self.up = _param(rngs, (D, F), ("embed", "mlp"), std=std, dtype=pd)
         self.down = _param(rngs, (F, D), ("mlp", "embed"), std=std / (2 * cfg.n_layers) ** 0.5, dtype=pd)
+        create_adapters(self, cfg, lora, ("gate", "up", "down"), rngs)
 
-    def __call__(self, x_BTD):
+    def __call__(self, x_BTD, dropout_key=None):
         dt = jnp.dtype(self.cfg.dtype)
         g_BTF = dense(x_BTD, self.gate[...], dt)
         u_BTF = dense(x_BTD, self.up[...], dt)
+        if self.lora is not None:
+            dg = lora_delta(self, "gate", x_BTD, dt, dropout_key)
+            du = lora_delta(self, "up", x_BTD, dt, dropout_key)
+            g_BTF = g_BTF if dg is None else g_BTF + dg
+            u_BTF = u_BTF if du is None else u_BTF + du
         h_BTF = shard(swiglu(g_BTF, u_BTF), ("batch", "seq", "mlp"))
-        return dense(h_BTF, self.down[...], dt)
+        out_BTD = dense(h_BTF, self.down[...], dt)
+        delta = lora_delta(self, "down", h_BTF, dt, dropout_key) if self.lora is not None else None
+        return out_BTD if delta is None else out_BTD + delta
 
 
 class Block(nnx.Module):
-    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, lora: LoRAConfig | None = None):
         pd = cfg.param_dtype
         self.attn_norm = RMSNorm(cfg.d_model, eps=cfg.rms_eps, axis_name="norm", param_dtype=pd)
-        self.attn = Attention(cfg, rngs)
+        self.attn = Attention(cfg, rngs, lora)
         self.mlp_norm = RMSNorm(cfg.d_model, eps=cfg.rms_eps, axis_name="norm", param_dtype=pd)
-        self.mlp = MLP(cfg, rngs)
+        self.mlp = MLP(cfg, rngs, lora)
 
-    def __call__(self, x_BTD, rope, mask):
-        x_BTD = x_BTD + self.attn(self.attn_norm(x_BTD), rope, mask)
-        x_BTD = x_BTD + self.mlp(self.mlp_norm(x_BTD))
+    def __call__(self, x_BTD, rope, mask, dropout_key=None):
+        k_attn = k_mlp = None
+        if dropout_key is not None:
+            k_attn, k_mlp = jax.random.split(dropout_key)
+        x_BTD = x_BTD + self.attn(self.attn_norm(x_BTD), rope, mask, k_attn)
+        x_BTD = x_BTD + self.mlp(self.mlp_norm(x_BTD), k_mlp)
         return shard(x_BTD, ("batch", "seq", "embed"))
 
     def extend(self, x_BCD, rope, k_BKSh, v_BKSh, slot, mask):
@@ -262,15 +328,17 @@ class Block(nnx.Module):
 class Transformer(nnx.Module):
     """Decoder-only LM. `__call__` returns final hidden states [B, T, D]; `unembedding()` the [D, V] output matrix."""
 
-    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, lora: LoRAConfig | None = None):
+        """lora: adapters on the projections `lora.targets` of every layer (None or rank 0: none)."""
         self.cfg = cfg
+        self.lora = lora if lora is not None and lora.enabled else None
         pd = cfg.param_dtype
         self.embed = _param(rngs, (cfg.vocab_size, cfg.d_model), ("vocab", "embed"), std=cfg.init_std, dtype=pd)
 
         @nnx.split_rngs(splits=cfg.n_layers)
         @nnx.vmap(in_axes=(0,), out_axes=0)
         def make_blocks(rngs):
-            return Block(cfg, rngs)
+            return Block(cfg, rngs, lora)
 
         self.blocks = make_blocks(rngs)
         self.final_norm = RMSNorm(cfg.d_model, eps=cfg.rms_eps, axis_name="norm", param_dtype=pd)
@@ -279,7 +347,9 @@ class Transformer(nnx.Module):
                                   dtype=pd)
 
     def __call__(self, tokens_BT: Int[Array, "B T"], positions_BT: Int[Array, "B T"] | None = None,
-                 segment_ids_BT: Int[Array, "B T"] | None = None) -> Float[Array, "B T D"]:
+                 segment_ids_BT: Int[Array, "B T"] | None = None, *, dropout_key: jax.Array | None = None
+                 ) -> Float[Array, "B T D"]:
+        """Final hidden states. dropout_key: a training step's key for LoRA dropout (None: none)."""
         cfg = self.cfg
         B, T = tokens_BT.shape
         if positions_BT is None:
@@ -293,12 +363,19 @@ class Transformer(nnx.Module):
         x_BTD = jnp.take(table_VD, tokens_BT, axis=0).astype(cfg.dtype)
         x_BTD = shard(x_BTD, ("batch", "seq", "embed"))
 
-        def layer(x_BTD, block):
-            return block(x_BTD, rope, mask)
+        use_dropout = dropout_key is not None and self.lora is not None and self.lora.dropout > 0
+        if use_dropout:
+            def layer(x_BTD, block, key):
+                return block(x_BTD, rope, mask, key)
+            xs = (self.blocks, jax.random.split(dropout_key, cfg.n_layers))
+        else:
+            def layer(x_BTD, block):
+                return block(x_BTD, rope, mask)
+            xs = (self.blocks,)
 
         if cfg.remat:
             layer = nnx.remat(layer, policy=jax.checkpoint_policies.nothing_saveable)
-        x_BTD = nnx.scan(layer, in_axes=(nnx.Carry, 0), out_axes=nnx.Carry)(x_BTD, self.blocks)
+        x_BTD = nnx.scan(layer, in_axes=(nnx.Carry,) + (0,) * len(xs), out_axes=nnx.Carry)(x_BTD, *xs)
         return self.final_norm(x_BTD)
 
     def extend(self, tokens_BC: Int[Array, "B C"], positions_BC: Int[Array, "B C"], cache: KVCache, *, slot,

@@ -26,15 +26,16 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from jaxpost.losses import DPO_LOSSES, REFERENCE_FREE_LOSSES
 from jaxpost.sharding import replicated
-from jaxpost.train.state import TrainState, accumulate_microbatches, jit_step
+from jaxpost.train.state import TrainState, accumulate_microbatches, apply_gradients, jit_step
 
 ROW_KEYS = ("inputs", "targets", "loss_mask", "segment_ids", "positions")
 REFERENCES = ("model", "precomputed", "none")
 
 
-def sequence_logps(lm, params, mb: dict, *, logprobs_impl: str = "auto"):
+def sequence_logps(lm, params, mb: dict, *, logprobs_impl: str = "auto", adapters: bool = True):
     """(summed completion log-probs [R], completion token counts [R]) of rows [R, T]."""
-    hidden_RTD = lm.hidden(params, mb["inputs"], mb["positions"], mb["segment_ids"])
+    hidden_RTD = (lm.hidden(params, mb["inputs"], mb["positions"], mb["segment_ids"]) if adapters
+                  else lm.hidden(params, mb["inputs"], mb["positions"], mb["segment_ids"], adapters=False))
     logp_RT = lm.token_logprobs(params, hidden_RTD, mb["targets"], impl=logprobs_impl).logp
     mask_RT = mb["loss_mask"].astype(jnp.float32)
     return jnp.sum(logp_RT * mask_RT, axis=-1), jnp.sum(mask_RT, axis=-1)
@@ -68,7 +69,9 @@ def preference_step_fn(lm, tx: optax.GradientTransformation, schedule: optax.Sch
 
     batch: ROW_KEYS as [A, 2b, T] (A micro-batches of b interleaved pairs), `pair_mask` [A, b] (0 for padding pairs)
     and, with reference="precomputed", `ref_logps` [A, 2b]. ref_params: the frozen reference params with
-    reference="model", else None. Metrics are means over the real pairs of the whole batch.
+    reference="model", else None; for a LoRA model with reference="model", None means the policy's own base model
+    with its adapters disabled (no second copy of the weights). Gradients and updates cover the trainable params
+    (`trainable_of`). Metrics are means over the real pairs of the whole batch.
     """
     loss_fn = get_preference_loss(loss, reference)
     kwargs = dict(loss_kwargs or {})
@@ -79,7 +82,11 @@ def preference_step_fn(lm, tx: optax.GradientTransformation, schedule: optax.Sch
         if reference == "none":
             loss_B, metrics = loss_fn(c_B, r_B, chosen_tokens_B=tc_B, rejected_tokens_B=tr_B, **kwargs)
         else:
-            if reference == "model":
+            if reference == "model" and ref_params is None:
+                if getattr(lm, "lora", None) is None:
+                    raise ValueError("reference='model' needs ref_params (or a LoRA model: adapters disabled)")
+                ref_R, _ = sequence_logps(lm, params, mb, logprobs_impl=logprobs_impl, adapters=False)
+            elif reference == "model":
                 ref_R, _ = sequence_logps(lm, ref_params, mb, logprobs_impl=logprobs_impl)
             else:
                 ref_R = mb["ref_logps"]
@@ -94,9 +101,8 @@ def preference_step_fn(lm, tx: optax.GradientTransformation, schedule: optax.Sch
     def step(state: TrainState, ref_params, batch: dict):
         n_pairs = jnp.maximum(jnp.sum(batch["pair_mask"].astype(jnp.float32)), 1.0)
         grads, loss, sums = accumulate_microbatches(
-            lambda p, mb: pair_terms(p, ref_params, mb, n_pairs), state.params, batch)
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
+            lambda p, mb: pair_terms(p, ref_params, mb, n_pairs), state.params, batch, model=lm)
+        params, opt_state = apply_gradients(lm, tx, state, grads)
         metrics = {"loss": loss, "pairs": n_pairs, "grad_norm": optax.global_norm(grads), "lr": schedule(state.step),
                    **{k: v / n_pairs for k, v in sums.items()}}
         return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
@@ -138,7 +144,8 @@ def make_preference_step(lm, tx, schedule, mesh, state_shardings, *, grad_accum:
     fn = preference_step_fn(lm, tx, schedule, loss=loss, loss_kwargs=loss_kwargs, reference=reference,
                             logprobs_impl=logprobs_impl)
     batch_sh = preference_batch_shardings(mesh, pairs_per_micro=pairs // grad_accum, reference=reference)
-    ref_sh = state_shardings.params if reference == "model" else None
+    lora_reference = reference == "model" and getattr(lm, "lora", None) is not None  # adapters off: no ref params
+    ref_sh = state_shardings.params if reference == "model" and not lora_reference else None
     return jit_step(fn, mesh, state_shardings, batch_sh, ref_shardings=ref_sh, with_ref=True)
 
 

@@ -36,7 +36,8 @@ from jaxpost.losses import (SEQUENCE_LEVEL_ESTIMATORS, aggregate_loss, broadcast
                             metric_means, sequence_to_token_rewards, value_loss)
 from jaxpost.models.heads import ScalarHeadLM
 from jaxpost.train.dpo import ROW_KEYS, rows_sharding
-from jaxpost.train.state import TrainState, accumulate_microbatches, jit_step
+from jaxpost.models.lora import base_params
+from jaxpost.train.state import TrainState, accumulate_microbatches, apply_gradients, jit_step
 
 VALUE_MODES = ("none", "head", "critic")
 KL_PLACEMENTS = ("loss", "reward")
@@ -62,6 +63,17 @@ class PolicyModel:
         if value not in VALUE_MODES:
             raise ValueError(f"value must be one of {VALUE_MODES}, got {value!r}")
 
+    def trainable(self, params):
+        """The policy's trainable params (its LoRA adapters, or all of it) and the whole value model."""
+        if getattr(self.lm, "lora", None) is None:
+            return params
+        return {**params, "policy": self.lm.trainable(params["policy"])}
+
+    def with_trainable(self, params, trainable):
+        if getattr(self.lm, "lora", None) is None:
+            return trainable
+        return {**trainable, "policy": self.lm.with_trainable(params["policy"], trainable["policy"])}
+
     def param_shardings(self, mesh):
         out = {"policy": self.lm.param_shardings(mesh)}
         if self.value != "none":
@@ -71,19 +83,20 @@ class PolicyModel:
 
     def from_policy(self, policy_params, key):
         """Params from trained decoder params (e.g. the SFT checkpoint): the critic starts as a copy of the policy
-        (a real copy: the train state is donated, and two leaves may not share a buffer); the head at 0."""
+        (a real copy: the train state is donated, and two leaves may not share a buffer; of the base model when the
+        policy has LoRA adapters: the critic trains fully); the head at 0."""
         params = {"policy": policy_params}
         if self.value != "none":
             params["value"] = {"head": self.head.init_head(key)}
             if self.value == "critic":
-                params["value"]["lm"] = jax.tree.map(jnp.copy, policy_params)
+                params["value"]["lm"] = jax.tree.map(jnp.copy, base_params(policy_params))
         return params
 
     def values(self, params, mb: dict, hidden_BTD=None):
         """V [B, T] in float32: the head on the policy's hidden states ("head") or on the critic's ("critic")."""
         v = params["value"]
         if self.value == "critic":
-            hidden_BTD = self.lm.hidden(v["lm"], mb["inputs"], mb["positions"], mb["segment_ids"])
+            hidden_BTD = self.head.lm.hidden(v["lm"], mb["inputs"], mb["positions"], mb["segment_ids"])
         w_D = v["head"]["w"]
         return jnp.einsum("btd,d->bt", hidden_BTD.astype(jnp.float32), w_D) + v["head"]["b"][0]
 
@@ -202,9 +215,8 @@ def rl_step_fn(model: PolicyModel, tx: optax.GradientTransformation, schedule: o
         mask = batch["loss_mask"].astype(jnp.float32)
         denom = loss_denominator(mask.reshape(-1, mask.shape[-1]), mode=mode, max_length=max_length)
         grads, loss, (sums, parts, tokens) = accumulate_microbatches(
-            lambda p, mb: micro(p, mb, denom), state.params, batch)
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
+            lambda p, mb: micro(p, mb, denom), state.params, batch, model=model)
+        params, opt_state = apply_gradients(model, tx, state, grads)
         metrics = {"loss": loss, **parts, **metric_means(sums), "tokens": tokens,
                    "grad_norm": optax.global_norm(grads), "lr": schedule(state.step)}
         return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
@@ -244,7 +256,8 @@ def make_rl_scorer(model: PolicyModel, mesh, param_shardings, *, rows: int, temp
     `score(params, ref_params, batch) -> {"logp", "entropy"[, "ref_logp"][, "values"]}`, each float32 [rows, T]:
     the old policy's log-probs (recomputed by the trainer's own forward and log-prob core, so the first PPO epoch
     has ratio 1 exactly up to float rounding), its entropy, the reference's log-probs and the value model's values.
-    `ref_params` are decoder params sharded like the policy's (None without a reference)."""
+    `ref_params` are decoder params sharded like the policy's (None without a reference, or, for a LoRA policy,
+    when the reference is its base model: the adapters disabled on the same arrays)."""
     lm = model.lm
     in_sh = {k: rows_sharding(mesh, rows, 2, rows_axis=0) for k in ROW_KEYS}
     out_sh = rows_sharding(mesh, rows, 2, rows_axis=0)
@@ -254,7 +267,11 @@ def make_rl_scorer(model: PolicyModel, mesh, param_shardings, *, rows: int, temp
         out = lm.token_logprobs(params["policy"], h_BTD, b["targets"], temperature=temperature,
                                 return_entropy=True, impl=logprobs_impl)
         res = {"logp": out.logp, "entropy": out.entropy}
-        if with_ref:
+        if with_ref and ref_params is None:  # a LoRA policy's base model
+            h_ref = lm.hidden(params["policy"], b["inputs"], b["positions"], b["segment_ids"], adapters=False)
+            res["ref_logp"] = lm.token_logprobs(params["policy"], h_ref, b["targets"], temperature=temperature,
+                                                impl=logprobs_impl).logp
+        elif with_ref:
             h_ref = lm.hidden(ref_params, b["inputs"], b["positions"], b["segment_ids"])
             res["ref_logp"] = lm.token_logprobs(ref_params, h_ref, b["targets"], temperature=temperature,
                                                 impl=logprobs_impl).logp
@@ -262,12 +279,14 @@ def make_rl_scorer(model: PolicyModel, mesh, param_shardings, *, rows: int, temp
             res["values"] = model.values(params, b, h_BTD)
         return {k: v.astype(jnp.float32) for k, v in res.items()}
 
-    ref_sh = param_shardings["policy"] if with_ref else None
+    base_ref = with_ref and getattr(lm, "lora", None) is not None
+    ref_sh = param_shardings["policy"] if with_ref and not base_ref else None
     jitted = jax.jit(f, in_shardings=(param_shardings, ref_sh, in_sh), out_shardings=out_sh)
 
     def run(params, ref_params, batch):
         with jax.set_mesh(mesh):
-            return jitted(params, ref_params if with_ref else None, {k: batch[k] for k in ROW_KEYS})
+            return jitted(params, ref_params if with_ref and not base_ref else None,
+                          {k: batch[k] for k in ROW_KEYS})
 
     run.jitted = jitted
     return run

@@ -125,20 +125,24 @@ class RLTrainer:
     rewards(prompts, completions, examples) -> RewardResult (a `jaxpost.rollout.rewards.RewardSet`);
     learned_reward: optional `LearnedReward` (scores rollout rows), weighted by `learned_reward_weight`;
     accuracy_key: the reward function whose mean is reported as `accuracy` (a 0/1 verifier);
-    ref_params: the reference decoder params (sharded like the policy's) for a KL term or the `kl_ref` metric.
+    ref_params: the reference decoder params (sharded like the policy's) for a KL term or the `kl_ref` metric; for a
+    LoRA policy, pass none and set `base_reference=True`: the reference is the base model (adapters disabled).
     """
 
     def __init__(self, *, model: PolicyModel, tx, schedule, mesh, state_shardings, tokenizer, rewards,
                  rollout: RolloutConfig, loss: RLLossConfig, advantage: AdvantageConfig, ref_params=None,
                  learned_reward=None, learned_reward_weight: float = 1.0, accuracy_key: str | None = None,
-                 grad_accum: int = 1, logprobs_impl: str = "auto"):
+                 grad_accum: int = 1, logprobs_impl: str = "auto", base_reference: bool = False):
         if loss.temperature != rollout.temperature:
             raise ValueError(f"loss.temperature={loss.temperature} must equal rollout.temperature="
                              f"{rollout.temperature}: the ratio compares log-probs under the sampling distribution")
         if model.value == "none" and advantage.estimator == "gae":
             raise ValueError("the gae estimator needs a value model: set value='head' or 'critic'")
-        if loss.kl_coef > 0 and ref_params is None:
-            raise ValueError("a KL penalty (kl_coef > 0) needs the reference params")
+        if base_reference and (getattr(model.lm, "lora", None) is None or ref_params is not None):
+            raise ValueError("base_reference=True needs a LoRA policy and no ref_params")
+        if loss.kl_coef > 0 and ref_params is None and not base_reference:
+            raise ValueError("a KL penalty (kl_coef > 0) needs the reference params (or, for a LoRA policy, "
+                             "base_reference=True)")
         if loss.aggregation == "seq_mean_token_sum_norm" and not loss.max_length:
             loss = dataclasses.replace(loss, max_length=rollout.max_new_tokens)
         self.model, self.mesh, self.tokenizer, self.rewards = model, mesh, tokenizer, rewards
@@ -155,7 +159,8 @@ class RLTrainer:
                                  grad_accum=grad_accum, logprobs_impl=logprobs_impl)
         self.keys = batch_keys(model, loss)
         self.scorer = make_rl_scorer(model, mesh, state_shardings.params, rows=self.rows_per_update,
-                                     temperature=rollout.temperature, with_ref=ref_params is not None,
+                                     temperature=rollout.temperature,
+                                     with_ref=ref_params is not None or base_reference,
                                      logprobs_impl=logprobs_impl)
         self._advantages = jax.jit(compute_advantages,
                                    static_argnames=("cfg", "group_size", "kl_coef", "kl_estimator"))

@@ -22,11 +22,38 @@ class TrainState:
     rng: jax.Array
 
 
-def state_shardings(abstract_state: TrainState, param_shardings, tx: optax.GradientTransformation, mesh):
-    """Shardings of a TrainState: optimizer moments like their params, every other leaf replicated."""
+def trainable_of(model, params):
+    """The part of `params` a step differentiates and the optimizer updates: `model.trainable(params)` (the LoRA
+    adapters of a LoRA model), or all of `params` for a model without that notion."""
+    return model.trainable(params) if hasattr(model, "trainable") else params
+
+
+def with_trainable(model, params, trainable):
+    """`params` with its trainable part replaced (the inverse of `trainable_of`)."""
+    return model.with_trainable(params, trainable) if hasattr(model, "with_trainable") else trainable
+
+
+def new_train_state(model, tx: optax.GradientTransformation, params, rng) -> TrainState:
+    """A step-0 state: the optimizer state covers the trainable params only (the adapters of a LoRA model)."""
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(trainable_of(model, params)),
+                      rng=rng)
+
+
+def apply_gradients(model, tx: optax.GradientTransformation, state: TrainState, grads):
+    """(params, opt_state) after one optimizer update from `grads` of the trainable params."""
+    trainable = trainable_of(model, state.params)
+    updates, opt_state = tx.update(grads, state.opt_state, trainable)
+    return with_trainable(model, state.params, optax.apply_updates(trainable, updates)), opt_state
+
+
+def state_shardings(abstract_state: TrainState, param_shardings, tx: optax.GradientTransformation, mesh,
+                    model=None):
+    """Shardings of a TrainState: optimizer moments like their params, every other leaf replicated. `model` (with
+    a `trainable` split, e.g. a LoRA LM) says which params the optimizer state covers (default: all)."""
     rep = replicated(mesh)
+    opt_param_shardings = trainable_of(model, param_shardings) if model is not None else param_shardings
     opt_shardings = optax.tree_map_params(
-        tx, lambda _, sharding: sharding, abstract_state.opt_state, param_shardings,
+        tx, lambda _, sharding: sharding, abstract_state.opt_state, opt_param_shardings,
         transform_non_params=lambda _: rep, is_leaf=lambda x: isinstance(x, jax.sharding.Sharding))
     return TrainState(step=rep, params=param_shardings, opt_state=opt_shardings, rng=rep)
 
@@ -34,20 +61,18 @@ def state_shardings(abstract_state: TrainState, param_shardings, tx: optax.Gradi
 def abstract_train_state(lm, tx) -> TrainState:
     def make():
         params = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), lm.abstract_params)
-        return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
-                          rng=jax.random.PRNGKey(0))
+        return new_train_state(lm, tx, params, jax.random.PRNGKey(0))
     return jax.eval_shape(make)
 
 
 def create_train_state(lm, tx, mesh, seed: int) -> tuple[TrainState, TrainState]:
     """A freshly initialised state, created directly sharded. Returns (state, its shardings)."""
     abstract = abstract_train_state(lm, tx)
-    shardings = state_shardings(abstract, lm.param_shardings(mesh), tx, mesh)
+    shardings = state_shardings(abstract, lm.param_shardings(mesh), tx, mesh, model=lm)
 
     def make(key):
         init_key, state_key = jax.random.split(key)
-        params = lm.init(init_key)
-        return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params), rng=state_key)
+        return new_train_state(lm, tx, lm.init(init_key), state_key)
 
     state = jax.jit(make, out_shardings=shardings)(jax.random.PRNGKey(seed))
     return state, shardings
@@ -74,10 +99,16 @@ def jit_step(fn, mesh, state_shardings, batch_shardings: dict, *, ref_shardings=
     return run
 
 
-def accumulate_microbatches(loss_fn, params, batch):
+def accumulate_microbatches(loss_fn, params, batch, *, model=None):
     """(grads, loss, sums) of `loss_fn(params, mb) -> (loss, sums)` summed over the leading micro-batch axis of
     `batch` (a `lax.scan`; one direct call when there is a single micro-batch). `loss_fn` must already divide by the
-    global normaliser, so that the sum over micro-batches is the full-batch value."""
+    global normaliser, so that the sum over micro-batches is the full-batch value. With `model`, the gradient is
+    taken with respect to `trainable_of(model, params)` only (the adapters of a LoRA model)."""
+    if model is not None and trainable_of(model, params) is not params:
+        full = params
+        params = trainable_of(model, full)
+        inner = loss_fn
+        loss_fn = lambda t, mb: inner(with_trainable(model, full, t), mb)  # noqa: E731
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
     first = jax.tree.map(lambda x: x[0], batch)
     if jax.tree.leaves(batch)[0].shape[0] == 1:
