@@ -4,16 +4,19 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import logging
 import os
 import sys
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
+from jaxpost.config import ModelConfig
 from jaxpost.data import build_prompt_batches
 from jaxpost.rollout import Sampler, SamplingConfig
-from jaxpost.tokenizer import Tokenizer, decode_completion, train_tokenizer
+from jaxpost.tokenizer import ChatTokenizer, HFTokenizer, decode_completion, load_tokenizer, train_tokenizer
 from jaxpost.train.state import with_shardings
 
 log = logging.getLogger("jaxpost")
@@ -58,18 +61,97 @@ def setup_logging() -> None:
         logger.propagate = False
 
 
-def load_or_make_tokenizer(workdir: str, task, *, path: str | None, vocab_size: int) -> Tokenizer:
-    """The workdir's `tokenizer.model` if present (a resumed run keeps its tokenizer); else the model at `path`;
-    else one trained on the task's corpus. The result is saved into the workdir."""
-    local = os.path.join(workdir, "tokenizer.model")
-    if os.path.exists(local):
-        return Tokenizer.load(local)
+def has_tokenizer(directory: str) -> bool:
+    return any(os.path.exists(os.path.join(directory, f)) for f in ("tokenizer.json", "tokenizer.model"))
+
+
+def save_tokenizer(tokenizer: ChatTokenizer, workdir: str) -> None:
+    """Writes the tokenizer into `workdir` in its own format (`tokenizer.model`, or `tokenizer.json` with its config),
+    where `load_tokenizer(workdir)` finds it."""
+    if isinstance(tokenizer, HFTokenizer):
+        tokenizer.save(workdir)
+    else:
+        tokenizer.save(os.path.join(workdir, "tokenizer.model"))
+
+
+def load_or_make_tokenizer(workdir: str, task, *, path: str | None, vocab_size: int) -> ChatTokenizer:
+    """The workdir's tokenizer if present (a resumed run keeps its tokenizer); else the one at `path` (a
+    SentencePiece `.model`, a `tokenizer.json` or a checkpoint directory: `jaxpost.tokenizer.load_tokenizer`); else
+    one trained on the task's corpus. The result is saved into the workdir."""
+    if has_tokenizer(workdir):
+        return load_tokenizer(workdir)
     if path:
-        tokenizer = Tokenizer.load(path)
+        tokenizer = load_tokenizer(path)
     else:
         tokenizer = train_tokenizer(task.corpus(4000), vocab_size=vocab_size)
-    tokenizer.save(local)
+    save_tokenizer(tokenizer, workdir)
     return tokenizer
+
+
+# ---- pretrained starts ----------------------------------------------------------------------------------------
+
+
+def pretrained_config(path: str, model: ModelConfig) -> ModelConfig:
+    """The ModelConfig of a pretrained start without reading its weights: a Hugging Face directory (`config.json`
+    with safetensors) or a params directory from `tools/convert_hf.py to-orbax` (`model_config.json`). The compute
+    settings of `model` (dtype, param_dtype, remat) are kept."""
+    from jaxpost.models.hf import config_from_hf
+    from jaxpost.models.params_io import MODEL_CONFIG
+
+    keep = {"dtype": model.dtype, "param_dtype": model.param_dtype, "remat": model.remat}
+    if os.path.exists(os.path.join(path, MODEL_CONFIG)):
+        with open(os.path.join(path, MODEL_CONFIG)) as f:
+            try:
+                return dataclasses.replace(ModelConfig(**json.load(f)), **keep)
+            except (TypeError, ValueError) as e:
+                raise ValueError(f"{os.path.join(path, MODEL_CONFIG)}: {e}") from e
+    hf_path = os.path.join(path, "config.json")
+    if os.path.exists(hf_path):
+        with open(hf_path) as f:
+            hf = json.load(f)
+        return dataclasses.replace(config_from_hf(hf, source=hf_path), **keep)
+    raise FileNotFoundError(f"init_from={path!r}: neither a Hugging Face model directory (config.json + "
+                            f"*.safetensors) nor a params directory from tools/convert_hf.py (model_config.json)")
+
+
+def pretrained_hf_config(path: str) -> dict | None:
+    """The source Hugging Face `config.json` dict of a pretrained start (kept beside a converted params directory as
+    `hf_config.json`), or None."""
+    for name in ("hf_config.json", "config.json"):
+        if os.path.exists(os.path.join(path, name)):
+            with open(os.path.join(path, name)) as f:
+                return json.load(f)
+    return None
+
+
+def load_pretrained(path: str, cfg: ModelConfig, mesh) -> tuple[dict, dict | None]:
+    """(params laid out by `LM(cfg).param_shardings(mesh)`, the source Hugging Face config dict or None) of the
+    pretrained start at `path` (see `pretrained_config`; `cfg` is what it returned). Weights are read straight into
+    their shards."""
+    from jaxpost.models.hf import from_pretrained
+    from jaxpost.models.params_io import MODEL_CONFIG, load_orbax_params
+
+    if os.path.exists(os.path.join(path, MODEL_CONFIG)):
+        model, _ = load_orbax_params(path, mesh)
+        params = model.params
+        if any(x.dtype != jnp.dtype(cfg.param_dtype) for x in jax.tree.leaves(params)):
+            shardings = jax.tree.map(lambda x: x.sharding, params)
+            params = jax.jit(lambda p: jax.tree.map(lambda x: x.astype(cfg.param_dtype), p),
+                             out_shardings=shardings, donate_argnums=0)(params)
+        return params, model.hf_config
+    model, _ = from_pretrained(path, mesh=mesh, dtype=cfg.param_dtype, compute_dtype=cfg.dtype)
+    return model.params, model.hf_config
+
+
+def export_hf(params, cfg: ModelConfig, tokenizer: ChatTokenizer, directory: str, *, base_config: dict | None,
+              dtype: str | None = None) -> None:
+    """A Hugging Face model directory (safetensors, config.json and the tokenizer) that transformers, vLLM and
+    SGLang load: `params` must be plain decoder params (merge LoRA adapters first)."""
+    from jaxpost.models.hf import save_pretrained
+
+    save_pretrained(params, cfg, directory, base_config=base_config, dtype=dtype)
+    if jax.process_index() == 0:
+        save_tokenizer(tokenizer, directory)
 
 
 def device_put_batch(batch: dict, shardings: dict) -> dict:

@@ -24,7 +24,6 @@ import os
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from jaxpost.cli import from_config_dict, to_json_dict, write_config
@@ -35,17 +34,19 @@ from jaxpost.data.preference import (arithmetic_preference_records, build_prefer
 from jaxpost.models import LM
 from jaxpost.recipes import sft as sft_recipe
 from jaxpost.recipes.common import (EvalConfig, close_checkpoints, decode_completion, device_put_batch, eval_sampler,
-                                    restore_or_init, setup_logging, task_accuracy)
+                                    restore_or_init, save_tokenizer, setup_logging, task_accuracy)
 from jaxpost.rollout import SamplingConfig
 from jaxpost.sharding import make_mesh
-from jaxpost.tokenizer import Tokenizer
+from jaxpost.models.lora import LoRAConfig
+from jaxpost.tokenizer import load_tokenizer
 from jaxpost.train.checkpoint import Checkpointer
 from jaxpost.train.dpo import (get_preference_loss, make_preference_step, make_reference_logps,
                                split_preference_microbatches)
 from jaxpost.train.loop import MetricsLog, train_loop
 from jaxpost.train.optim import make_optimizer
 from jaxpost.train.plots import plot_metrics
-from jaxpost.train.state import TrainState, abstract_train_state, state_shardings, with_shardings
+from jaxpost.train.state import (abstract_train_state, new_train_state, state_shardings, trainable_of,
+                                 with_shardings)
 
 log = logging.getLogger("jaxpost")
 
@@ -66,6 +67,9 @@ class DPOConfig:
     sft_weight: float = 0.0
     gamma: float = 0.5  # simpo's target margin
     reference: str = "precomputed"  # "model" (held beside the policy), "precomputed" or "none" (simpo, orpo)
+    # LoRA adapters on the SFT start (rank 0: train every weight); with reference="model" the reference is then the
+    # base model with the adapters disabled, not a second copy
+    lora: LoRAConfig = dataclasses.field(default_factory=LoRAConfig)
     pairs: str = "samples"
     n_prompts: int = 2048  # training prompts to build pairs from
     samples_per_prompt: int = 8
@@ -109,6 +113,18 @@ def sft_start(workdir: str, init_from: str, sft_cfg: sft_recipe.SFTConfig):
         log.info("no init_from: training the SFT start into %s", sft_dir)
         sft_recipe.run(sft_cfg, sft_dir)
     return sft_cfg, sft_dir
+
+
+def load_start_params(sft_cfg, mesh, sft_dir: str):
+    """The decoder params an SFT workdir ends with, as plain decoder params of `sft_cfg.model`: a LoRA SFT run's
+    adapters are merged into its base."""
+    lora = getattr(sft_cfg, "lora", None)
+    if lora is None or not lora.enabled:
+        return load_params(LM(sft_cfg.model), mesh, sft_dir)
+    lm = LM(sft_cfg.model, lora)
+    params = load_params(lm, mesh, sft_dir)
+    shardings = LM(sft_cfg.model).param_shardings(mesh)
+    return jax.jit(lm.merged, out_shardings=shardings, donate_argnums=0)(params)
 
 
 def load_params(lm: LM, mesh, sft_dir: str):
@@ -194,31 +210,37 @@ def run(cfg: DPOConfig, workdir: str, *, stop_at: int | None = None) -> dict | N
     write_config(cfg, workdir)
     sft_cfg, sft_dir = sft_start(workdir, cfg.init_from, cfg.sft)
     task = make_task(sft_cfg.task.name, **sft_cfg.task.kwargs())
-    tokenizer = Tokenizer.load(os.path.join(sft_dir, "tokenizer.model"))
-    tokenizer.save(os.path.join(workdir, "tokenizer.model"))
+    tokenizer = load_tokenizer(sft_dir)
+    save_tokenizer(tokenizer, workdir)
 
     mesh = make_mesh(cfg.mesh)
-    lm = LM(sft_cfg.model)
-    start_params = load_params(lm, mesh, sft_dir)
-    records = build_pairs(cfg, lm, start_params, tokenizer, task, mesh, os.path.join(workdir, "pairs.jsonl"))
+    base_lm = LM(sft_cfg.model)
+    start_params = load_start_params(sft_cfg, mesh, sft_dir)
+    records = build_pairs(cfg, base_lm, start_params, tokenizer, task, mesh, os.path.join(workdir, "pairs.jsonl"))
     ref_logps = None
     if cfg.reference == "precomputed":
-        ref_logps = precompute_reference(cfg, lm, start_params, records, tokenizer, mesh,
+        ref_logps = precompute_reference(cfg, base_lm, start_params, records, tokenizer, mesh,
                                          os.path.join(workdir, f"ref_logps.{jax.process_index()}.npy"))
 
-    tx, schedule = make_optimizer(cfg.optim, cfg.steps, logical_axes=lm.logical_axes)
+    lm = LM(sft_cfg.model, cfg.lora)
+    tx, schedule = make_optimizer(cfg.optim, cfg.steps, logical_axes=trainable_of(lm, lm.logical_axes))
     abstract = abstract_train_state(lm, tx)
-    shardings = state_shardings(abstract, lm.param_shardings(mesh), tx, mesh)
+    shardings = state_shardings(abstract, lm.param_shardings(mesh), tx, mesh, model=lm)
     ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=cfg.train.keep_checkpoints,
                         async_save=cfg.train.async_checkpoints)
     batches = _iterator(cfg, records, tokenizer)
-    def make(params, key):
-        return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params), rng=key)
 
-    state, start_step, meta = restore_or_init(
-        ckpt, abstract, shardings, batches,
-        lambda: jax.jit(make, out_shardings=shardings)(start_params, jax.random.PRNGKey(cfg.seed)))
-    ref_params = start_params if cfg.reference == "model" else None
+    def init():
+        init_key, state_key = jax.random.split(jax.random.PRNGKey(cfg.seed))
+        params = lm.add_adapters(start_params, init_key, mesh) if lm.lora is not None else start_params
+        # full model: a copy of the start (which may stay the reference); LoRA: the base arrays move into the state
+        donate = (0,) if lm.lora is not None else ()
+        return jax.jit(lambda p, k: new_train_state(lm, tx, p, k), out_shardings=shardings,
+                       donate_argnums=donate)(params, state_key)
+
+    state, start_step, meta = restore_or_init(ckpt, abstract, shardings, batches, init)
+    # the reference: the SFT params held beside the policy, or, for LoRA, the policy's base (adapters disabled)
+    ref_params = start_params if cfg.reference == "model" and lm.lora is None else None
     if ref_params is None:
         del start_params  # the step holds no reference weights
 

@@ -24,7 +24,6 @@ import os
 import time
 
 import jax
-import jax.numpy as jnp
 
 from jaxpost.cli import to_json_dict, write_config
 from jaxpost.config import MeshConfig, OptimConfig, TrainConfig
@@ -33,18 +32,20 @@ from jaxpost.data.prompts import build_prompt_iterator
 from jaxpost.models import LM
 from jaxpost.models.heads import ScalarHeadLM
 from jaxpost.recipes import sft as sft_recipe
-from jaxpost.recipes.common import (EvalConfig, close_checkpoints, restore_or_init, setup_logging, task_accuracy)
-from jaxpost.recipes.dpo import load_params, sft_start
+from jaxpost.recipes.common import (EvalConfig, close_checkpoints, restore_or_init, save_tokenizer, setup_logging,
+                                    task_accuracy)
+from jaxpost.recipes.dpo import load_params, load_start_params, sft_start
 from jaxpost.rollout.rewards import LearnedReward, RewardSet, digit_match_reward, task_reward
 from jaxpost.sharding import make_mesh
-from jaxpost.tokenizer import Tokenizer
+from jaxpost.models.lora import LoRAConfig
+from jaxpost.tokenizer import load_tokenizer
 from jaxpost.train.checkpoint import Checkpointer
 from jaxpost.train.loop import MetricsLog, train_loop
 from jaxpost.train.optim import make_optimizer
 from jaxpost.train.plots import plot_metrics
 from jaxpost.train.rl import AdvantageConfig, PolicyModel, RLLossConfig
 from jaxpost.train.rl_loop import RLTrainer, RolloutConfig
-from jaxpost.train.state import TrainState, abstract_train_state, state_shardings
+from jaxpost.train.state import abstract_train_state, new_train_state, state_shardings, trainable_of
 
 log = logging.getLogger("jaxpost")
 
@@ -61,6 +62,9 @@ class RLConfig:
     sft: sft_recipe.SFTConfig = dataclasses.field(default_factory=sft_recipe.SFTConfig)
     value: str = "none"  # "head" (value head on the policy's decoder) or "critic" (separate decoder) for PPO
     reference: bool = True  # hold the SFT params as the reference (KL term, kl_ref metrics)
+    # LoRA adapters on the policy (rank 0: train every weight); the reference is then the base model with the
+    # adapters disabled (no second copy of the weights)
+    lora: LoRAConfig = dataclasses.field(default_factory=LoRAConfig)
     rollout: RolloutConfig = dataclasses.field(default_factory=RolloutConfig)
     loss: RLLossConfig = dataclasses.field(default_factory=lambda: RLLossConfig(eps_high=0.28))
     advantage: AdvantageConfig = dataclasses.field(default_factory=AdvantageConfig)
@@ -106,18 +110,18 @@ def run(cfg: RLConfig, workdir: str, *, stop_at: int | None = None) -> dict | No
     sft_cfg, sft_dir = sft_start(workdir, cfg.init_from, cfg.sft)
     t_rl = time.perf_counter()
     task = make_task(sft_cfg.task.name, **sft_cfg.task.kwargs())
-    tokenizer = Tokenizer.load(os.path.join(sft_dir, "tokenizer.model"))
-    tokenizer.save(os.path.join(workdir, "tokenizer.model"))
+    tokenizer = load_tokenizer(sft_dir)
+    save_tokenizer(tokenizer, workdir)
 
     mesh = make_mesh(cfg.mesh)
-    lm = LM(sft_cfg.model)
+    lm = LM(sft_cfg.model, cfg.lora)
     model = PolicyModel(lm, value=cfg.value)
-    start_params = load_params(lm, mesh, sft_dir)
+    start_params = load_start_params(sft_cfg, mesh, sft_dir)
     ro = cfg.rollout
     total_updates = cfg.steps * ro.updates_per_iteration
-    tx, schedule = make_optimizer(cfg.optim, total_updates, logical_axes=model.logical_axes)
+    tx, schedule = make_optimizer(cfg.optim, total_updates, logical_axes=trainable_of(model, model.logical_axes))
     abstract = abstract_train_state(model, tx)
-    shardings = state_shardings(abstract, model.param_shardings(mesh), tx, mesh)
+    shardings = state_shardings(abstract, model.param_shardings(mesh), tx, mesh, model=model)
     ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=cfg.train.keep_checkpoints,
                         async_save=cfg.train.async_checkpoints)
     prompts = build_prompt_iterator(task.source("train"), tokenizer, batch_size=ro.prompts_per_step,
@@ -126,13 +130,19 @@ def run(cfg: RLConfig, workdir: str, *, stop_at: int | None = None) -> dict | No
     def make(policy_params, key):
         init_key, state_key = jax.random.split(key)
         params = model.from_policy(policy_params, init_key)
-        return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params), rng=state_key)
+        return new_train_state(model, tx, params, state_key)
 
-    state, start_step, meta = restore_or_init(
-        ckpt, abstract, shardings, prompts,
-        lambda: jax.jit(make, out_shardings=shardings)(start_params, jax.random.PRNGKey(cfg.seed)),
-        updates_per_step=ro.updates_per_iteration)
-    ref_params = start_params if cfg.reference else None
+    def init():
+        key = jax.random.PRNGKey(cfg.seed)
+        policy = start_params
+        if lm.lora is not None:  # the base arrays move into the state (donated); the reference is that base
+            policy = lm.add_adapters(start_params, jax.random.fold_in(key, 1), mesh)
+        return jax.jit(make, out_shardings=shardings, donate_argnums=(0,) if lm.lora is not None else ())(
+            policy, key)
+
+    state, start_step, meta = restore_or_init(ckpt, abstract, shardings, prompts, init,
+                                              updates_per_step=ro.updates_per_iteration)
+    ref_params = start_params if cfg.reference and lm.lora is None else None
     if ref_params is None:
         del start_params
 
@@ -146,7 +156,8 @@ def run(cfg: RLConfig, workdir: str, *, stop_at: int | None = None) -> dict | No
         learned = LearnedReward(rm_model, rm_params, mesh, rows=ro.rows // ro.minibatches)
     trainer = RLTrainer(model=model, tx=tx, schedule=schedule, mesh=mesh, state_shardings=shardings,
                         tokenizer=tokenizer, rewards=rewards, rollout=ro, loss=cfg.loss, advantage=cfg.advantage,
-                        ref_params=ref_params, learned_reward=learned, learned_reward_weight=cfg.reward_model_weight,
+                        ref_params=ref_params, base_reference=cfg.reference and lm.lora is not None,
+                        learned_reward=learned, learned_reward_weight=cfg.reward_model_weight,
                         accuracy_key="correct", grad_accum=cfg.train.grad_accum, logprobs_impl=cfg.logprobs_impl)
 
     eval_examples = task.examples("test", cfg.eval.n_examples)

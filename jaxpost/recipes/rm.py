@@ -26,10 +26,11 @@ from jaxpost.data import make_task
 from jaxpost.data.preference import arithmetic_preference_records, build_preference_iterator
 from jaxpost.models.heads import ScalarHeadLM
 from jaxpost.recipes import sft as sft_recipe
-from jaxpost.recipes.common import EvalConfig, close_checkpoints, device_put_batch, restore_or_init, setup_logging
-from jaxpost.recipes.dpo import PAIR_SOURCES, build_pairs, load_params, sft_start
+from jaxpost.recipes.common import (EvalConfig, close_checkpoints, device_put_batch, restore_or_init, save_tokenizer,
+                                    setup_logging)
+from jaxpost.recipes.dpo import PAIR_SOURCES, build_pairs, load_start_params, sft_start
 from jaxpost.sharding import make_mesh
-from jaxpost.tokenizer import Tokenizer
+from jaxpost.tokenizer import load_tokenizer
 from jaxpost.train.checkpoint import Checkpointer
 from jaxpost.train.dpo import split_preference_microbatches
 from jaxpost.train.loop import MetricsLog, train_loop
@@ -92,12 +93,12 @@ def run(cfg: RMConfig, workdir: str, *, stop_at: int | None = None) -> dict | No
     write_config(cfg, workdir)
     sft_cfg, sft_dir = sft_start(workdir, cfg.init_from, cfg.sft)
     task = make_task(sft_cfg.task.name, **sft_cfg.task.kwargs())
-    tokenizer = Tokenizer.load(os.path.join(sft_dir, "tokenizer.model"))
-    tokenizer.save(os.path.join(workdir, "tokenizer.model"))
+    tokenizer = load_tokenizer(sft_dir)
+    save_tokenizer(tokenizer, workdir)
 
     mesh = make_mesh(cfg.mesh)
     model = ScalarHeadLM(sft_cfg.model)
-    lm_params = load_params(model.lm, mesh, sft_dir)
+    lm_params = load_start_params(sft_cfg, mesh, sft_dir)
     records = build_pairs(cfg, model.lm, lm_params, tokenizer, task, mesh, os.path.join(workdir, "pairs.jsonl"))
     eval_records = arithmetic_preference_records(task, "test", cfg.n_eval_pairs, seed=cfg.seed + 1)
 

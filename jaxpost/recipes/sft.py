@@ -2,6 +2,12 @@
 
 `run(cfg, workdir)` starts fresh in an empty workdir and resumes from the latest complete checkpoint otherwise,
 continuing exactly as an uninterrupted run (same batches, same RNG, same optimizer state).
+
+A pretrained start: `init_from` names a Hugging Face Llama / Qwen2 / Qwen3 directory (or a params directory from
+`tools/convert_hf.py to-orbax`); the model config and the tokenizer come from it, the weights are read straight into
+their shards. `lora.rank > 0` trains LoRA adapters on the frozen base instead of every weight. `export_hf` writes
+the result (adapters merged) as a Hugging Face directory into `workdir/hf`, and, with LoRA, the adapters alone into
+`workdir/adapters`.
 """
 
 from __future__ import annotations
@@ -18,15 +24,19 @@ from jaxpost.cli import to_json_dict, write_config
 from jaxpost.config import DataConfig, MeshConfig, ModelConfig, OptimConfig, TrainConfig
 from jaxpost.data import build_sft_iterator, make_task, read_jsonl
 from jaxpost.models import LM
-from jaxpost.recipes.common import (EvalConfig, TaskConfig, close_checkpoints, device_put_batch, load_or_make_tokenizer,
-                                    restore_or_init, setup_logging, task_accuracy)
+from jaxpost.models.lora import LoRAConfig, save_adapters
+from jaxpost.recipes.common import (EvalConfig, TaskConfig, close_checkpoints, device_put_batch, export_hf,
+                                    load_or_make_tokenizer, load_pretrained, pretrained_config, pretrained_hf_config,
+                                    restore_or_init,
+                                    setup_logging, task_accuracy)
 from jaxpost.sharding import make_mesh
 from jaxpost.train.checkpoint import Checkpointer
 from jaxpost.train.loop import MetricsLog, train_loop
 from jaxpost.train.optim import make_optimizer
 from jaxpost.train.plots import plot_metrics
 from jaxpost.train.sft import make_sft_step, split_microbatches
-from jaxpost.train.state import abstract_train_state, create_train_state, state_shardings
+from jaxpost.train.state import (abstract_train_state, create_train_state, new_train_state, state_shardings,
+                                 trainable_of)
 
 log = logging.getLogger("jaxpost")
 
@@ -38,6 +48,12 @@ class SFTConfig:
     seed: int = 0
     steps: int = 200
     model: ModelConfig = dataclasses.field(default_factory=lambda: ModelConfig.small(vocab_size=128))
+    # A pretrained start: a Hugging Face model directory or a tools/convert_hf.py params directory ("" = random
+    # init). Its config replaces `model` (keeping model.dtype, param_dtype, remat); its tokenizer is used unless
+    # `tokenizer_path` is set.
+    init_from: str = ""
+    lora: LoRAConfig = dataclasses.field(default_factory=LoRAConfig)  # rank 0: full fine-tuning
+    export_hf: bool = False  # write workdir/hf (Hugging Face format, adapters merged) at the end
     task: TaskConfig = dataclasses.field(default_factory=TaskConfig)
     train_jsonl: str | None = None
     tokenizer_path: str | None = None
@@ -62,17 +78,20 @@ def run(cfg: SFTConfig, workdir: str, *, stop_at: int | None = None) -> dict | N
     t_start = time.perf_counter()
     setup_logging()
     os.makedirs(workdir, exist_ok=True)
+    if cfg.init_from:  # the recorded config names the model actually trained (what DPO / RL starts read)
+        cfg = dataclasses.replace(cfg, model=pretrained_config(cfg.init_from, cfg.model))
     write_config(cfg, workdir)
 
     task = make_task(cfg.task.name, **cfg.task.kwargs())
-    tokenizer = load_or_make_tokenizer(workdir, task, path=cfg.tokenizer_path, vocab_size=cfg.tokenizer_vocab)
+    tokenizer = load_or_make_tokenizer(workdir, task, path=cfg.tokenizer_path or cfg.init_from or None,
+                                       vocab_size=cfg.tokenizer_vocab)
     if tokenizer.vocab_size > cfg.model.vocab_size:
         raise ValueError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's "
                          f"{tokenizer.vocab_size} pieces: raise --config.model.vocab_size")
 
     mesh = make_mesh(cfg.mesh)
-    lm = LM(cfg.model)
-    tx, schedule = make_optimizer(cfg.optim, cfg.steps, logical_axes=lm.logical_axes)
+    lm = LM(cfg.model, cfg.lora)
+    tx, schedule = make_optimizer(cfg.optim, cfg.steps, logical_axes=trainable_of(lm, lm.logical_axes))
     ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=cfg.train.keep_checkpoints,
                         async_save=cfg.train.async_checkpoints)
 
@@ -82,10 +101,24 @@ def run(cfg: SFTConfig, workdir: str, *, stop_at: int | None = None) -> dict | N
         overlong=cfg.data.overlong, on_empty=cfg.data.on_empty, shuffle=cfg.data.shuffle, seed=cfg.seed)
 
     abstract = abstract_train_state(lm, tx)
-    shardings = state_shardings(abstract, lm.param_shardings(mesh), tx, mesh)
-    state, start_step, meta = restore_or_init(ckpt, abstract, shardings, batches,
-                                              lambda: create_train_state(lm, tx, mesh, cfg.seed)[0])
-    log.info("model %s: %.2fM params on mesh %s", cfg.model.name, lm.n_params / 1e6, dict(mesh.shape))
+    shardings = state_shardings(abstract, lm.param_shardings(mesh), tx, mesh, model=lm)
+    hf_config = None
+
+    def init():
+        nonlocal hf_config
+        if not cfg.init_from:
+            return create_train_state(lm, tx, mesh, cfg.seed)[0]
+        params, hf_config = load_pretrained(cfg.init_from, cfg.model, mesh)
+        init_key, state_key = jax.random.split(jax.random.PRNGKey(cfg.seed))
+        if lm.lora is not None:
+            params = lm.add_adapters(params, init_key, mesh)
+        return jax.jit(lambda p, k: new_train_state(lm, tx, p, k), out_shardings=shardings,
+                       donate_argnums=0)(params, state_key)
+
+    state, start_step, meta = restore_or_init(ckpt, abstract, shardings, batches, init)
+    n_train = sum(int(x.size) for x in jax.tree.leaves(trainable_of(lm, lm.abstract_params)))
+    log.info("model %s: %.2fM params (%.3fM trained) on mesh %s", cfg.model.name, lm.n_params / 1e6,
+             n_train / 1e6, dict(mesh.shape))
 
     eval_examples = task.examples("test", cfg.eval.n_examples)
 
@@ -131,8 +164,16 @@ def run(cfg: SFTConfig, workdir: str, *, stop_at: int | None = None) -> dict | N
         "train_time_s": train_time,
         "wall_time_s": time.perf_counter() - t_start,
         "n_params": lm.n_params,
+        "n_trained_params": n_train,
         "data": batches.stats,
     }
+    if cfg.export_hf:
+        if hf_config is None and cfg.init_from:  # a resumed run: the source config, read again for its extra fields
+            hf_config = pretrained_hf_config(cfg.init_from)
+        export_hf(lm.merged(state.params), cfg.model, tokenizer, os.path.join(workdir, "hf"), base_config=hf_config)
+        if lm.lora is not None and jax.process_index() == 0:
+            save_adapters(state.params, lm.lora, os.path.join(workdir, "adapters"))
+        results["export"] = {"hf": os.path.join(workdir, "hf")}
     with open(os.path.join(workdir, "results.json"), "w") as f:
         json.dump(results, f, indent=2)
     plot_metrics(workdir, ("loss", "grad_norm", "lr", "tokens_per_s", "eval_accuracy"), filename="sft.png",
