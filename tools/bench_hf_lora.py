@@ -10,7 +10,9 @@ Prints one JSON object to stdout (progress on stderr).
   parameters, optimizer-state bytes and the compiled step's temporary memory (`memory_analysis()`), and the ratios
   LoRA / full.
 - `hf_io`: `from_pretrained` of a safetensors checkpoint written by `save_pretrained` (float32 and bfloat16), in
-  MB/s of checkpoint read, and `save_pretrained` in MB/s written, for a Qwen3-style model of about 100M parameters.
+  MB/s of checkpoint read, and `save_pretrained` in MB/s written, for a 65M-parameter Qwen3-style model (best of
+  3, files in the page cache); the baseline is transformers' `AutoModelForCausalLM.from_pretrained` of the same
+  float32 directory in the same process (when transformers is installed).
 """
 
 from __future__ import annotations
@@ -51,7 +53,7 @@ def bench_steps(cfg, batch: int, seq_len: int, warmup: int, reps: int, rank: int
     host = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "loss_mask": np.ones((batch, seq_len), np.float32),
             "segment_ids": np.ones((batch, seq_len), np.int32),
             "positions": np.broadcast_to(np.arange(seq_len, dtype=np.int32), (batch, seq_len)).copy()}
-    out = {}
+    out, runs = {}, {}
     for name, lora in (("full", None), ("lora", LoRAConfig(rank=rank, alpha=2.0 * rank))):
         lm = LM(cfg, lora)
         tx, schedule = make_optimizer(OptimConfig(warmup_steps=0), 1000,
@@ -60,23 +62,25 @@ def bench_steps(cfg, batch: int, seq_len: int, warmup: int, reps: int, rank: int
         step = make_sft_step(lm, tx, schedule, mesh, shardings, grad_accum=1, rows=batch)
         batch_dev = {k: jax.device_put(v, step.batch_shardings[k]) for k, v in split_microbatches(host, 1).items()}
         with jax.set_mesh(mesh):
-            compiled = step.jitted.lower(state, batch_dev).compile()
-        mem = compiled.memory_analysis()
+            mem = step.jitted.lower(state, batch_dev).compile().memory_analysis()
         for _ in range(warmup):
             state, m = step(state, batch_dev)
         jax.block_until_ready(m)
-        times = []
-        for _ in range(reps):
+        runs[name] = [step, state, batch_dev, []]
+        out[name] = {"trained_params": sum(int(x.size) for x in jax.tree.leaves(trainable_of(lm, state.params))),
+                     "opt_state_mb": round(tree_bytes(state.opt_state) / 2**20, 2),
+                     "temp_mb": round(mem.temp_size_in_bytes / 2**20, 1) if mem is not None else None}
+    for _ in range(reps):  # interleaved, so that both see the same machine load
+        for name, run in runs.items():
+            step, state, batch_dev, times = run
             t0 = time.perf_counter()
             state, m = step(state, batch_dev)
             jax.block_until_ready(m)
             times.append(time.perf_counter() - t0)
-        out[name] = {"step_ms": round(1e3 * statistics.median(times), 1),
-                     "trained_params": sum(int(x.size) for x in jax.tree.leaves(trainable_of(lm, state.params))),
-                     "opt_state_mb": round(tree_bytes(state.opt_state) / 2**20, 2),
-                     "temp_mb": round(mem.temp_size_in_bytes / 2**20, 1) if mem is not None else None}
+            run[1] = state
+    for name, run in runs.items():
+        out[name]["step_ms"] = round(1e3 * statistics.median(run[3]), 1)
         log(f"{name}: {out[name]}")
-        del state
     out["lora_over_full"] = {k: round(out["lora"][k] / out["full"][k], 4)
                              for k in ("step_ms", "trained_params", "opt_state_mb", "temp_mb")
                              if out["full"][k]}
@@ -110,6 +114,21 @@ def bench_io(cfg, reps: int) -> dict:
             out[dtype] = {"checkpoint_mb": round(mb, 1), "save_s": round(min(saves), 2),
                           "save_mb_per_s": round(mb / min(saves), 1), "load_s": round(min(loads), 2),
                           "load_mb_per_s": round(mb / min(loads), 1)}
+            if dtype == "float32":
+                try:
+                    import torch
+                    import transformers
+                except ImportError:
+                    transformers = None
+                if transformers is not None:
+                    times = []
+                    for _ in range(reps):
+                        t0 = time.perf_counter()
+                        transformers.AutoModelForCausalLM.from_pretrained(path, local_files_only=True,
+                                                                          dtype=torch.float32)
+                        times.append(time.perf_counter() - t0)
+                    out[dtype]["transformers_load_s"] = round(min(times), 2)
+                    out[dtype]["load_s_over_transformers"] = round(min(loads) / min(times), 3)
             log(f"io {dtype}: {out[dtype]}")
     return out
 
@@ -127,7 +146,7 @@ def main() -> None:
                                      n_heads=8, n_kv_heads=4, mlp_dim=2048)
     result = {"backend": jax.default_backend(), "devices": str(jax.devices()[0]),
               "sft_step": {"model": step_cfg.name, "batch": 8, "seq_len": 256, "lora_rank": 16,
-                           **bench_steps(step_cfg, 8, 256, warmup=2, reps=3 if args.quick else 10, rank=16)},
+                           **bench_steps(step_cfg, 8, 256, warmup=2, reps=3 if args.quick else 15, rank=16)},
               "hf_io": {"model": "qwen3-style d512 L8 V32768", **bench_io(io_cfg, reps=1 if args.quick else 3)}}
     print(json.dumps(result, indent=2))
 
