@@ -17,10 +17,9 @@ from jaxpost.models.lora import (LoRAConfig, adapter_params, base_params, load_a
 from jaxpost.train.dpo import preference_step_fn, sequence_logps, split_preference_microbatches
 from jaxpost.train.optim import make_optimizer
 from jaxpost.train.rl import PolicyModel, RLLossConfig, make_rl_scorer, rl_step_fn
-from jaxpost.train.sft import make_sft_step, sft_loss_sums, sft_step_fn, split_microbatches
-from jaxpost.train.state import (abstract_train_state, create_train_state, new_train_state, state_shardings,
-                                 trainable_of)
-from tests.helpers import cached_lm, max_abs_diff, mesh_of, random_batch, single_device_mesh, tiny_config
+from jaxpost.train.sft import sft_loss_sums, sft_step_fn, split_microbatches
+from jaxpost.train.state import abstract_train_state, new_train_state, state_shardings, trainable_of
+from tests.helpers import cached_lm, max_abs_diff, random_batch, sft_single_and_sharded, single_device_mesh, tiny_config
 from tests.test_dpo_step import pair_batch
 from tests.test_rl_step import rollout_rows
 
@@ -194,14 +193,7 @@ def test_sharded_lora_sft_step_equals_single_device(shape):
     tx, schedule = make_optimizer(OptimConfig(warmup_steps=0, lr=1e-2), 10,
                                   logical_axes=trainable_of(lm, lm.logical_axes))
     batch = split_microbatches(random_batch(np.random.default_rng(6), 8, 16, V, n_docs=2), 1)
-    out = {}
-    for name, mesh in (("single", single_device_mesh()), ("sharded", mesh_of(*shape))):
-        state, shardings = create_train_state(lm, tx, mesh, seed=0)
-        step = make_sft_step(lm, tx, schedule, mesh, shardings, grad_accum=1, rows=8)
-        for _ in range(2):
-            state, metrics = step(state, batch)
-        out[name] = (jax.device_get(metrics), jax.device_get(state.params), state)
-    (m1, p1, _), (m8, p8, s8) = out["single"], out["sharded"]
+    (m1, p1, _), (m8, p8, s8) = sft_single_and_sharded(lm, tx, schedule, batch, shape, grad_accum=1, rows=8)
     for k in ("loss", "grad_norm", "tokens"):
         np.testing.assert_allclose(m8[k], m1[k], rtol=1e-5)
     assert max_abs_diff(p1, p8) < 1e-5

@@ -11,7 +11,7 @@ from jaxpost.models import LM
 from jaxpost.train.optim import make_optimizer
 from jaxpost.train.sft import make_sft_step, sft_loss_sums, sft_step_fn, split_microbatches
 from jaxpost.train.state import TrainState, create_train_state
-from tests.helpers import cached_lm, max_abs_diff, mesh_of, random_batch, single_device_mesh, tiny_config
+from tests.helpers import cached_lm, max_abs_diff, mesh_of, random_batch, sft_single_and_sharded, tiny_config
 
 V = 128
 
@@ -63,14 +63,7 @@ def test_sharded_step_equals_single_device(shape):
     lm = LM(cfg)
     tx, schedule = make_optimizer(OptimConfig(warmup_steps=0, lr=1e-3), 10)
     batch = split_microbatches(random_batch(np.random.default_rng(2), 8, 16, V, n_docs=2), 2)
-    out = {}
-    for name, mesh in (("single", single_device_mesh()), ("sharded", mesh_of(*shape))):
-        state, shardings = create_train_state(lm, tx, mesh, seed=0)
-        step = make_sft_step(lm, tx, schedule, mesh, shardings, grad_accum=2, rows=8)
-        for _ in range(2):
-            state, metrics = step(state, batch)
-        out[name] = (jax.device_get(metrics), jax.device_get(state.params), state)
-    (m1, p1, _), (m8, p8, s8) = out["single"], out["sharded"]
+    (m1, p1, _), (m8, p8, s8) = sft_single_and_sharded(lm, tx, schedule, batch, shape, grad_accum=2, rows=8)
     for k in ("loss", "grad_norm", "tokens"):
         np.testing.assert_allclose(m8[k], m1[k], rtol=1e-5)
     assert max_abs_diff(p1, p8) < 1e-5

@@ -34,8 +34,7 @@ REFERENCES = ("model", "precomputed", "none")
 
 def sequence_logps(lm, params, mb: dict, *, logprobs_impl: str = "auto", adapters: bool = True):
     """(summed completion log-probs [R], completion token counts [R]) of rows [R, T]."""
-    hidden_RTD = (lm.hidden(params, mb["inputs"], mb["positions"], mb["segment_ids"]) if adapters
-                  else lm.hidden(params, mb["inputs"], mb["positions"], mb["segment_ids"], adapters=False))
+    hidden_RTD = lm.hidden(params, mb["inputs"], mb["positions"], mb["segment_ids"], adapters=adapters)
     logp_RT = lm.token_logprobs(params, hidden_RTD, mb["targets"], impl=logprobs_impl).logp
     mask_RT = mb["loss_mask"].astype(jnp.float32)
     return jnp.sum(logp_RT * mask_RT, axis=-1), jnp.sum(mask_RT, axis=-1)

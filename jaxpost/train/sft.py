@@ -35,8 +35,7 @@ def microbatch_sharding(mesh, rows_per_micro: int) -> NamedSharding:
 
 def sft_loss_sums(lm, params, mb: dict, *, logprobs_impl: str = "auto", dropout_key=None):
     """(summed token NLL, number of loss tokens) of one micro-batch. dropout_key: LoRA dropout (LoRA models)."""
-    hidden_BTD = (lm.hidden(params, mb["inputs"], mb["positions"], mb["segment_ids"], dropout_key=dropout_key)
-                  if dropout_key is not None else lm.hidden(params, mb["inputs"], mb["positions"], mb["segment_ids"]))
+    hidden_BTD = lm.hidden(params, mb["inputs"], mb["positions"], mb["segment_ids"], dropout_key=dropout_key)
     logp_BT = lm.token_logprobs(params, hidden_BTD, mb["targets"], impl=logprobs_impl).logp
     return sft_nll(logp_BT, mb["loss_mask"])
 
