@@ -244,17 +244,17 @@ def test_loading_onto_a_mesh_gives_the_single_device_logits(hf_dirs, kind, monke
     one, _ = from_pretrained(hf_dirs[kind])
     blocks = []
 
-    def spy(tensor, spec, js, dtype):
-        out = read_block(tensor, spec, js, dtype)
+    def spy(tensor, spec, vs):
+        out = read_view(tensor, spec, vs)
         blocks.append((spec.path, out.shape))
         return out
 
-    read_block = hf_lib._read_block
-    monkeypatch.setattr(hf_lib, "_read_block", spy)
+    read_view = hf_lib._read_view
+    monkeypatch.setattr(hf_lib, "_read_view", spy)
     model, cfg = from_pretrained(hf_dirs[kind], mesh=mesh)
-    # Each device reads its own block of each layer: never a whole q projection [D, H, hd].
+    # Each device reads its own block of each layer, in the file's [H, hd, D] view: never a whole q projection.
     q_blocks = {shape for path, shape in blocks if path == ("blocks", "attn", "q")}
-    assert q_blocks == {(32 // 4, 4 // 2, cfg.head_dim)}
+    assert q_blocks == {(4 // 2, cfg.head_dim, 32 // 4)}
     expected = model.lm.param_shardings(mesh)
     for (path, x), s, ref in zip(jax.tree_util.tree_leaves_with_path(model.params), jax.tree.leaves(expected),
                                  jax.tree.leaves(one.params)):

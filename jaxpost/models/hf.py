@@ -442,12 +442,10 @@ def _norm_slices(index, shape) -> list[slice]:
     return out
 
 
-def _read_block(tensor, spec: _Spec, js: list[slice], dtype) -> np.ndarray:
-    """The block `js` (slices of the per-layer jaxpost layout) of one HF tensor (a safetensors slice handle): reads
-    only the rows/columns it needs (a split dim is read whole on its inner part), then reshapes and transposes."""
-    vs = [None] * len(spec.view)
-    for j, p in enumerate(spec.perm):
-        vs[p] = js[j]
+def _read_view(tensor, spec: _Spec, vs: list[slice]) -> np.ndarray:
+    """The block `vs` (slices of the per-layer view: the HF tensor reshaped to `spec.view`, not yet transposed) of
+    one HF tensor (a safetensors slice handle), in the file's dtype: reads only the rows/columns it needs (a split
+    dim is read whole on its inner part)."""
     hf_index, read_shape, post = [], [], []
     for group in spec.groups:
         outer, inner = group[0], group[1:]
@@ -455,8 +453,14 @@ def _read_block(tensor, spec: _Spec, js: list[slice], dtype) -> np.ndarray:
         hf_index.append(slice(vs[outer].start * n_inner, vs[outer].stop * n_inner))
         read_shape += [vs[outer].stop - vs[outer].start] + [spec.view[d] for d in inner]
         post += [slice(None)] + [vs[d] for d in inner]
-    x = np.asarray(tensor[tuple(hf_index)]).reshape(read_shape)[tuple(post)]
-    return np.asarray(x.transpose(spec.perm), dtype=dtype, order="C")
+    return np.asarray(tensor[tuple(hf_index)]).reshape(read_shape)[tuple(post)]
+
+
+@functools.lru_cache(maxsize=None)
+def _to_layout(perm: tuple[int, ...], dtype: str, sharding):
+    """A jitted transpose + cast from the view layout to the jaxpost layout: the view array is sharded like its
+    result (the same mesh axes on the same dims), so every device transposes its own block, with no communication."""
+    return jax.jit(lambda x: jnp.transpose(x, perm).astype(dtype), out_shardings=sharding, donate_argnums=0)
 
 
 def from_pretrained(path: str | os.PathLike, *, mesh=None, dtype: str = "float32",
@@ -497,7 +501,6 @@ def from_pretrained(path: str | os.PathLike, *, mesh=None, dtype: str = "float32
     else:
         one = SingleDeviceSharding(jax.devices()[0])
         shardings = jax.tree.map(lambda _: one, lm.abstract_params)
-    np_dtype = jnp.dtype(dtype)
     params: dict = {}
     with contextlib.ExitStack() as stack:
         handles = {f: stack.enter_context(safe_open(os.path.join(path, f), framework="numpy"))
@@ -516,20 +519,30 @@ def from_pretrained(path: str | os.PathLike, *, mesh=None, dtype: str = "float32
 
         for s in specs:
             names = s.names(cfg.n_layers)
-            for n in names:
-                tensor(n)  # validates every tensor before any is read
+            dtypes = {tensor(n).get_dtype() for n in names}  # validates every tensor before any is read
+            if len(dtypes) > 1:
+                raise HFFormatError(f"{path}: the tensors {s.hf_name.format(i='*')} mix dtypes {sorted(dtypes)}")
+            file_dtype = np.dtype(_ST_DTYPES[dtypes.pop()])
+
+            # Each device's block is read in the HF view layout (contiguous rows of the file) and transposed to the
+            # jaxpost layout on the device: host-side strided transposes are several times slower.
+            lead = (cfg.n_layers,) if s.layered else ()
+            perm = ((0,) + tuple(q + 1 for q in s.perm)) if s.layered else s.perm
+            target = _get(shardings, s.path)
+            view_sharding = target
+            if isinstance(target, NamedSharding):  # the same mesh axes on the same (permuted) dims
+                spec_t = tuple(target.spec) + (None,) * (len(perm) - len(target.spec))
+                view_sharding = NamedSharding(target.mesh, jax.sharding.PartitionSpec(
+                    *(spec_t[perm.index(d)] for d in range(len(perm)))))
 
             def cb(index, s=s, names=names):
                 if not s.layered:
-                    return _read_block(tensor(names[0]), s, _norm_slices(index, s.shape), np_dtype)
-                ls, *js = _norm_slices(index, (cfg.n_layers,) + s.shape)
-                out = np.empty((ls.stop - ls.start, *(j.stop - j.start for j in js)), np_dtype)
-                for row, i in enumerate(range(ls.start, ls.stop)):  # one layer's block at a time
-                    out[row] = _read_block(tensor(names[i]), s, js, np_dtype)
-                return out
+                    return _read_view(tensor(names[0]), s, _norm_slices(index, s.view))
+                ls, *vs = _norm_slices(index, (cfg.n_layers,) + s.view)
+                return np.stack([_read_view(tensor(names[i]), s, vs) for i in range(ls.start, ls.stop)])
 
-            shape = ((cfg.n_layers,) if s.layered else ()) + s.shape
-            _set(params, s.path, jax.make_array_from_callback(shape, _get(shardings, s.path), cb, dtype=np_dtype))
+            view = jax.make_array_from_callback(lead + s.view, view_sharding, cb, dtype=file_dtype)
+            _set(params, s.path, _to_layout(perm, dtype, target)(view))
     return Pretrained(lm, params, hf_config), cfg
 
 
