@@ -8,6 +8,9 @@ depth). Every parameter carries logical axis names in its `axes` metadata; `jaxp
 The model returns final hidden states; applying the unembedding is the loss's job (`jaxpost.ops.token_logprobs`), so
 no training path materialises [tokens x vocab] logits.
 
+With a `LoRAConfig` (`jaxpost.models.lora`), each targeted projection also carries low-rank adapters (`{t}_lora_a`,
+`{t}_lora_b`) added by `adapted` in the training forward and in `extend` alike.
+
 Generation uses `Transformer.extend`: the same layers (the same projection and attention code as `__call__`) run on
 C new tokens per row against a `KVCache` ([layers, B, kv_heads, S, head_dim], batch over data/fsdp, kv heads over
 tensor), writing their keys/values at a cache slot shared by all rows (prompts are left-padded; see
@@ -32,7 +35,7 @@ from flax import nnx
 from jaxtyping import Array, Float, Int
 
 from jaxpost.config import ModelConfig
-from jaxpost.models.lora import LoRAConfig, lora_shapes
+from jaxpost.models.lora import LORA_TARGETS, LoRAConfig, lora_shapes
 from jaxpost.sharding import shard
 
 _MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
@@ -141,23 +144,20 @@ def create_adapters(module: nnx.Module, cfg: ModelConfig, lora: LoRAConfig | Non
         setattr(module, f"{t}_lora_b", nnx.Param(jnp.zeros(b_shape, jnp.dtype(cfg.param_dtype)), axes=b_axes))
 
 
-def lora_delta(module: nnx.Module, target: str, x, dt, dropout_key):
-    """s * (dropout(x) A) B of `module`'s adapter on `target` in compute dtype `dt`, or None when it has none.
-    x: [..., in] (the adapted projection's input, flattened like its weight's input dims)."""
+def adapted(module: nnx.Module, target: str, x, y, dt, dropout_key):
+    """y (the projection of x) plus s * (dropout(x) A) B of `module`'s adapter on `target`, in compute dtype `dt`;
+    y itself when there is no such adapter. x: [..., in], flattened like the weight's input dims."""
     lora = module.lora
     if lora is None or target not in lora.targets:
-        return None
+        return y
     a = getattr(module, f"{target}_lora_a")[...]
     b = getattr(module, f"{target}_lora_b")[...]
     if dropout_key is not None and lora.dropout > 0:
-        key = jax.random.fold_in(dropout_key, LORA_TARGET_INDEX[target])
+        key = jax.random.fold_in(dropout_key, LORA_TARGETS.index(target))
         keep = jax.random.bernoulli(key, 1.0 - lora.dropout, x.shape)
         x = jnp.where(keep, x / (1.0 - lora.dropout), 0).astype(x.dtype)
     h = dense(x, a.reshape(x.shape[-1], -1), dt)
-    return dense(h, b, dt) * jnp.asarray(lora.scale, dt)
-
-
-LORA_TARGET_INDEX = {t: i for i, t in enumerate(("q", "k", "v", "o", "gate", "up", "down"))}
+    return y + dense(h, b, dt) * jnp.asarray(lora.scale, dt)
 
 
 def attention_mask(segment_ids_BT: Int[Array, "B T"]) -> jax.Array:
@@ -219,16 +219,9 @@ class Attention(nnx.Module):
         q_BTHh = dense(x_BTD, self.q[...], dt)
         k_BTKh = dense(x_BTD, self.k[...], dt)
         v_BTKh = dense(x_BTD, self.v[...], dt)
-        if self.lora is not None:
-            for name in ("q", "k", "v"):
-                delta = lora_delta(self, name, x_BTD, dt, dropout_key)
-                if delta is not None:
-                    if name == "q":
-                        q_BTHh += delta
-                    elif name == "k":
-                        k_BTKh += delta
-                    else:
-                        v_BTKh += delta
+        q_BTHh = adapted(self, "q", x_BTD, q_BTHh, dt, dropout_key)
+        k_BTKh = adapted(self, "k", x_BTD, k_BTKh, dt, dropout_key)
+        v_BTKh = adapted(self, "v", x_BTD, v_BTKh, dt, dropout_key)
         if cfg.qkv_bias:
             q_BTHh += self.q_bias[...].astype(dt)
             k_BTKh += self.k_bias[...].astype(dt)
@@ -256,9 +249,7 @@ class Attention(nnx.Module):
         out_BKMh = jnp.einsum("bkms,bksh->bkmh", probs_BKMS, v_BKSh)
         out_BTHh = out_BKMh.reshape(B, K, G, T, hd).transpose(0, 3, 1, 2, 4).reshape(B, T, H, hd)
         x_BTF = out_BTHh.reshape(B, T, H * hd)
-        out_BTD = dense(x_BTF, self.o[...].reshape(H * hd, -1), dt)
-        delta = lora_delta(self, "o", x_BTF, dt, dropout_key) if self.lora is not None else None
-        return out_BTD if delta is None else out_BTD + delta
+        return adapted(self, "o", x_BTF, dense(x_BTF, self.o[...].reshape(H * hd, -1), dt), dt, dropout_key)
 
     def __call__(self, x_BTD, rope, mask, dropout_key=None):
         """rope: (cos, sin) from `rope_tables`; mask: [B, 1, 1, T, T] boolean from `attention_mask`; dropout_key:
@@ -289,17 +280,10 @@ class MLP(nnx.Module):
 
     def __call__(self, x_BTD, dropout_key=None):
         dt = jnp.dtype(self.cfg.dtype)
-        g_BTF = dense(x_BTD, self.gate[...], dt)
-        u_BTF = dense(x_BTD, self.up[...], dt)
-        if self.lora is not None:
-            dg = lora_delta(self, "gate", x_BTD, dt, dropout_key)
-            du = lora_delta(self, "up", x_BTD, dt, dropout_key)
-            g_BTF = g_BTF if dg is None else g_BTF + dg
-            u_BTF = u_BTF if du is None else u_BTF + du
+        g_BTF = adapted(self, "gate", x_BTD, dense(x_BTD, self.gate[...], dt), dt, dropout_key)
+        u_BTF = adapted(self, "up", x_BTD, dense(x_BTD, self.up[...], dt), dt, dropout_key)
         h_BTF = shard(swiglu(g_BTF, u_BTF), ("batch", "seq", "mlp"))
-        out_BTD = dense(h_BTF, self.down[...], dt)
-        delta = lora_delta(self, "down", h_BTF, dt, dropout_key) if self.lora is not None else None
-        return out_BTD if delta is None else out_BTD + delta
+        return adapted(self, "down", h_BTF, dense(h_BTF, self.down[...], dt), dt, dropout_key)
 
 
 class Block(nnx.Module):
