@@ -473,30 +473,6 @@ class HFTokenizer(ChatTokenizer):
     def chat_template(self) -> str | None:
         return self._chat_template
 
-    @property
-    def vocab_size(self) -> int:
-        return self._vocab_size
-
-    @property
-    def pad_id(self) -> int:
-        return self._pad_id
-
-    @property
-    def bos_id(self) -> int | None:
-        return self._bos_id
-
-    @property
-    def eos_id(self) -> int:
-        return self._eos_id
-
-    @property
-    def unk_id(self) -> int | None:
-        return self._unk_id
-
-    @property
-    def stop_ids(self) -> tuple[int, ...]:
-        return self._stop_ids
-
     def id_to_piece(self, token_id: int) -> str:
         return self._tk.id_to_token(int(token_id))
 

@@ -96,38 +96,46 @@ class ChatTokenizer(abc.ABC):
 
     Implemented by `Tokenizer` (SentencePiece, jaxpost's own chat layout) and `HFTokenizer` (a Hugging Face
     `tokenizer.json`, the checkpoint's own chat template). Data pipelines check `isinstance(tok, ChatTokenizer)`.
-    Implementations must be picklable (grain worker processes).
+    Implementations must be picklable (grain worker processes), and set the special ids in `__init__`:
+    `_vocab_size`, `_pad_id`, `_bos_id`, `_eos_id`, `_unk_id` and `_stop_ids`.
     """
 
+    _vocab_size: int
+    _pad_id: int
+    _bos_id: int | None
+    _eos_id: int
+    _unk_id: int | None
+    _stop_ids: tuple[int, ...]
+
     @property
-    @abc.abstractmethod
     def vocab_size(self) -> int:
         """Number of token ids (`0 <= id < vocab_size`); a model's embedding may be larger (padded)."""
+        return self._vocab_size
 
     @property
-    @abc.abstractmethod
     def pad_id(self) -> int:
         """Id written on padding positions (never trained on)."""
+        return self._pad_id
 
     @property
-    @abc.abstractmethod
     def bos_id(self) -> int | None:
         """Beginning-of-sequence id; None where the vocabulary has none (Qwen)."""
+        return self._bos_id
 
     @property
-    @abc.abstractmethod
     def eos_id(self) -> int:
         """End-of-sequence id."""
+        return self._eos_id
 
     @property
-    @abc.abstractmethod
     def unk_id(self) -> int | None:
         """Unknown-token id; None where the vocabulary has none (byte-level BPE)."""
+        return self._unk_id
 
     @property
-    @abc.abstractmethod
     def stop_ids(self) -> tuple[int, ...]:
         """Ids that end generation (eos, and the chat format's end-of-turn token where it differs)."""
+        return self._stop_ids
 
     @abc.abstractmethod
     def encode(self, text: str) -> list[int]:
@@ -181,6 +189,7 @@ class Tokenizer(ChatTokenizer):
         self._bos_id = self._resolve_special("bos", processor.bos_id(), bos_id)
         self._eos_id = self._resolve_special("eos", processor.eos_id(), eos_id)
         self._unk_id = int(processor.unk_id())
+        self._stop_ids = (self._eos_id,)  # the eos that closes an assistant turn
         self._special_ids = frozenset({self._pad_id, self._bos_id, self._eos_id})
         # Role markers: a single id where the model has the marker as a piece, else its text encoding.
         self._marker_ids: dict[str, tuple[int, ...]] = {
@@ -272,31 +281,6 @@ class Tokenizer(ChatTokenizer):
     def processor(self) -> spm.SentencePieceProcessor:
         """The underlying `SentencePieceProcessor`."""
         return self._sp
-
-    @property
-    def vocab_size(self) -> int:
-        return self._vocab_size
-
-    @property
-    def pad_id(self) -> int:
-        return self._pad_id
-
-    @property
-    def bos_id(self) -> int:
-        return self._bos_id
-
-    @property
-    def eos_id(self) -> int:
-        return self._eos_id
-
-    @property
-    def unk_id(self) -> int:
-        return self._unk_id
-
-    @property
-    def stop_ids(self) -> tuple[int, ...]:
-        """Ids that end generation: the eos that closes an assistant turn."""
-        return (self._eos_id,)
 
     def marker_ids(self, marker: str) -> tuple[int, ...]:
         """Token ids of a chat marker (`ROLE_MARKERS[role]` or `END_MARKER`): one id when the model has the piece."""
