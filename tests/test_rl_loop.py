@@ -114,7 +114,7 @@ def test_prompt_iterator_resumes_exactly_and_names_bad_records(tokenizer):
 
 
 def _trainer(lm, params, tokenizer, rollout: RolloutConfig, rewards, *, mesh, loss=None, lr=3e-3, value="none",
-             advantage=None):
+             advantage=None, reference=True):
     model = PolicyModel(lm, value=value)
     tx = optax.adam(lr)
     abstract = abstract_train_state(model, tx)
@@ -128,7 +128,8 @@ def _trainer(lm, params, tokenizer, rollout: RolloutConfig, rewards, *, mesh, lo
     loss = loss or RLLossConfig(eps_high=0.28)
     trainer = RLTrainer(model=model, tx=tx, schedule=optax.constant_schedule(lr), mesh=mesh, state_shardings=sh,
                         tokenizer=tokenizer, rewards=rewards, rollout=rollout, loss=loss,
-                        advantage=advantage or AdvantageConfig(), ref_params=params, accuracy_key=None)
+                        advantage=advantage or AdvantageConfig(), ref_params=params if reference else None,
+                        accuracy_key=None)
     return trainer, state
 
 
@@ -161,6 +162,36 @@ def test_tiny_grpo_run_raises_the_reward_and_the_first_update_has_ratio_one(toke
     for key in ("reward_std", "entropy", "clip_frac", "approx_kl", "response_length", "zero_adv_group_frac",
                 "rollout_time_s", "update_time_s", "score_time_s", "reward_time_s"):
         assert np.isfinite(first[key]), key
+
+
+@pytest.mark.parametrize("reference", [True, False])
+def test_sampler_log_probs_as_the_old_log_probs_give_the_same_update(tokenizer, reference):
+    # old_logp="sampler" skips the policy's forward in the scoring pass (and the whole pass without a reference):
+    # the update from the same state and prompts matches the one with the trainer's recomputed log-probs
+    lm, params = cached_lm(tiny_config())
+    task = make_task("arithmetic", max_digits=2)
+    batch = next(build_prompt_iterator(task.source("train"), tokenizer, batch_size=4, max_prompt_len=16, seed=2))
+    rewards = RewardSet({"digits": _digits}, timeout_s=None)
+    out = {}
+    for source in ("trainer", "sampler"):
+        ro = RolloutConfig(prompts_per_step=4, group_size=4, max_new_tokens=6, max_prompt_len=16, old_logp=source,
+                           minibatches=2)
+        trainer, state = _trainer(lm, params, tokenizer, ro, rewards, mesh=mesh_of(4, 2, 1), reference=reference)
+        assert (trainer.scorer is None) == (source == "sampler" and not reference)
+        state, m = trainer.iteration(state, batch)
+        out[source] = (jax.device_get(state.params), m, trainer.last_batch)
+    (p_t, m_t, b_t), (p_s, m_s, b_s) = out["trainer"], out["sampler"]
+    assert m_t["sampler_logp_diff"] < 1e-4 and "sampler_logp_diff" not in m_s
+    m = b_t["loss_mask"] > 0  # (the trainer's log-probs also cover the prompt tokens, the sampler's are 0 there)
+    np.testing.assert_allclose(b_s["old_logp"][m], b_t["old_logp"][m], atol=1e-4)
+    np.testing.assert_array_equal(b_s["advantages"], b_t["advantages"])
+    assert abs(m_s["first_update_ratio"] - 1.0) < 1e-4 and m_s["first_update_clip_frac"] == 0.0
+    assert m_s["reward_mean"] == m_t["reward_mean"] and abs(m_s["loss"] - m_t["loss"]) < 1e-5
+    assert max_abs_diff(p_s, p_t) < 1e-5
+    if reference:
+        assert abs(m_s["kl_ref_k3"] - m_t["kl_ref_k3"]) < 1e-6
+    with pytest.raises(ValueError, match="old_logp"):
+        RolloutConfig(old_logp="cache")
 
 
 def test_concat_rollouts_keeps_the_chosen_groups_and_pads_with_empty_ones():

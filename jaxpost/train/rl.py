@@ -251,22 +251,30 @@ def split_rl_microbatches(batch: dict, grad_accum: int) -> dict:
 
 
 def make_rl_scorer(model: PolicyModel, mesh, param_shardings, *, rows: int, temperature: float = 1.0,
-                   with_ref: bool = False, logprobs_impl: str = "auto"):
+                   with_ref: bool = False, policy: bool = True, logprobs_impl: str = "auto"):
     """A jitted forward-only pass over `rows` rows [rows, T] of a rollout batch:
     `score(params, ref_params, batch) -> {"logp", "entropy"[, "ref_logp"][, "values"]}`, each float32 [rows, T]:
     the old policy's log-probs (recomputed by the trainer's own forward and log-prob core, so the first PPO epoch
     has ratio 1 exactly up to float rounding), its entropy, the reference's log-probs and the value model's values.
+    `policy=False` leaves out the policy's log-probs and entropy (old log-probs taken from the sampler): only the
+    reference and the value model are run.
     `ref_params` are decoder params sharded like the policy's (None without a reference, or, for a LoRA policy,
     when the reference is its base model: the adapters disabled on the same arrays)."""
     lm = model.lm
     in_sh = {k: rows_sharding(mesh, rows, 2, rows_axis=0) for k in ROW_KEYS}
     out_sh = rows_sharding(mesh, rows, 2, rows_axis=0)
 
+    if not (policy or with_ref or model.value != "none"):
+        raise ValueError("make_rl_scorer: nothing to score (policy=False, no reference, no value model)")
+
     def f(params, ref_params, b):
-        h_BTD = lm.hidden(params["policy"], b["inputs"], b["positions"], b["segment_ids"])
-        out = lm.token_logprobs(params["policy"], h_BTD, b["targets"], temperature=temperature,
-                                return_entropy=True, impl=logprobs_impl)
-        res = {"logp": out.logp, "entropy": out.entropy}
+        res, h_BTD = {}, None
+        if policy or model.value == "head":
+            h_BTD = lm.hidden(params["policy"], b["inputs"], b["positions"], b["segment_ids"])
+        if policy:
+            out = lm.token_logprobs(params["policy"], h_BTD, b["targets"], temperature=temperature,
+                                    return_entropy=True, impl=logprobs_impl)
+            res.update(logp=out.logp, entropy=out.entropy)
         if with_ref and ref_params is None:  # a LoRA policy's base model
             h_ref = lm.hidden(params["policy"], b["inputs"], b["positions"], b["segment_ids"], adapters=False)
             res["ref_logp"] = lm.token_logprobs(params["policy"], h_ref, b["targets"], temperature=temperature,

@@ -9,7 +9,8 @@ One call of `RLTrainer.iteration(state, prompts, more_prompts)`:
    prompts (`more_prompts()`) until the batch is full or `max_sampling_rounds` is reached (the rest is padding rows,
    masked out everywhere);
 3. scoring: one forward-only pass gives the old policy's log-probs and entropy, the reference's log-probs and the
-   value model's values;
+   value model's values (with `old_logp="sampler"` the old log-probs are the sampler's own, and the pass runs only
+   for a reference or a value model, or not at all);
 4. advantages over the whole batch (`jaxpost.train.rl.compute_advantages`);
 5. `ppo_epochs` passes over the rows, shuffled and split into `minibatches` optimizer steps of the pure sharded
    update step (`jaxpost.train.rl.make_rl_step`).
@@ -37,6 +38,9 @@ from jaxpost.train.rl import (AdvantageConfig, PolicyModel, RLLossConfig, batch_
 
 log = logging.getLogger("jaxpost")
 
+#: Where the old policy's log-probs come from (`RolloutConfig.old_logp`).
+OLD_LOGP_SOURCES = ("trainer", "sampler")
+
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class RolloutConfig:
@@ -46,6 +50,11 @@ class RolloutConfig:
     dynamic_sampling: keep only groups with unequal rewards, drawing up to max_sampling_rounds prompt batches.
     overlong_buffer > 0: DAPO's soft overlong penalty over the last `overlong_buffer` tokens before max_new_tokens
     (times overlong_penalty_factor). ppo_epochs passes over the batch, each in `minibatches` optimizer steps.
+    old_logp: where the old policy's log-probs (the PPO ratio's denominator) come from: "trainer" recomputes them in
+    the scoring pass with the update step's own forward and log-prob core (ratio 1 at the first update up to float
+    rounding); "sampler" takes the sampler's (the same quantity under the untruncated temperature-T softmax,
+    computed by the decode loop: equal to ~1e-5 in float32, checked every iteration as `sampler_logp_diff` when the
+    trainer's are computed) and skips the policy's forward in the scoring pass; verl's rollout log-probs.
     """
 
     prompts_per_step: int = 64
@@ -61,6 +70,7 @@ class RolloutConfig:
     overlong_penalty_factor: float = 1.0
     ppo_epochs: int = 1
     minibatches: int = 1
+    old_logp: str = "trainer"
 
     def __post_init__(self):
         for name in ("prompts_per_step", "group_size", "max_new_tokens", "max_prompt_len", "max_sampling_rounds",
@@ -71,6 +81,8 @@ class RolloutConfig:
             raise ValueError(f"RolloutConfig.temperature must be > 0 for RL (sampling), got {self.temperature}")
         if self.rows % self.minibatches:
             raise ValueError(f"RolloutConfig: {self.rows} rows do not split into minibatches={self.minibatches}")
+        if self.old_logp not in OLD_LOGP_SOURCES:
+            raise ValueError(f"RolloutConfig.old_logp must be one of {OLD_LOGP_SOURCES}, got {self.old_logp!r}")
         if not 0 <= self.overlong_buffer <= self.max_new_tokens:
             raise ValueError(f"RolloutConfig.overlong_buffer must be in [0, max_new_tokens], got "
                              f"{self.overlong_buffer}")
@@ -158,10 +170,13 @@ class RLTrainer:
         self.step = make_rl_step(model, tx, schedule, mesh, state_shardings, loss, rows=self.rows_per_update,
                                  grad_accum=grad_accum, logprobs_impl=logprobs_impl)
         self.keys = batch_keys(model, loss)
-        self.scorer = make_rl_scorer(model, mesh, state_shardings.params, rows=self.rows_per_update,
-                                     temperature=rollout.temperature,
-                                     with_ref=ref_params is not None or base_reference,
-                                     logprobs_impl=logprobs_impl)
+        with_ref = ref_params is not None or base_reference
+        self.trainer_logp = rollout.old_logp == "trainer"
+        self.scorer = None  # nothing to score: sampler log-probs, no reference, no value model
+        if self.trainer_logp or with_ref or model.value != "none":
+            self.scorer = make_rl_scorer(model, mesh, state_shardings.params, rows=self.rows_per_update,
+                                         temperature=rollout.temperature, with_ref=with_ref,
+                                         policy=self.trainer_logp, logprobs_impl=logprobs_impl)
         self._advantages = jax.jit(compute_advantages,
                                    static_argnames=("cfg", "group_size", "kl_coef", "kl_estimator"))
 
@@ -248,11 +263,13 @@ class RLTrainer:
         t0 = time.perf_counter()
         scored = {}
         n = self.rows_per_update
-        for start in range(0, cfg.rows, n):
+        for start in range(0, cfg.rows, n) if self.scorer is not None else ():
             out = self.scorer(params, self.ref_params, {k: batch[k][start:start + n] for k in ROW_KEYS})
             for k, v in jax.device_get(out).items():
                 scored.setdefault(k, []).append(np.asarray(v))
         scored = {k: np.concatenate(v) for k, v in scored.items()}
+        if not self.trainer_logp:
+            scored["logp"] = batch["sample_logp"].astype(np.float32)
         timings["score_time_s"] = time.perf_counter() - t0
 
         # 4. advantages over the whole batch
@@ -302,13 +319,14 @@ class RLTrainer:
             "truncated_frac": float(np.mean(first["ro"].finish == 2)),
             "batch_reward_mean": float(rewards[valid].mean()) if valid.any() else 0.0,
             "batch_groups": float(valid.sum() / G), "sampling_rounds": float(len(parts)),
-            "entropy_rollout": float(scored["entropy"][m_tok].mean()) if m_tok.any() else 0.0,
-            "sampler_logp_diff": float(np.max(np.abs(scored["logp"] - batch["sample_logp"])[m_tok], initial=0.0)),
             "reward_failed": float(sum(p[3]["failed"] for p in parts)),
             "reward_timed_out": float(sum(p[3]["timed_out"] for p in parts)),
             "adv_abs_mean": float(np.abs(adv)[m_tok].mean()) if m_tok.any() else 0.0,
             **timings,
         })
+        if self.trainer_logp and m_tok.any():  # the scoring pass's view of the rollout, and its check of the sampler
+            out["entropy_rollout"] = float(scored["entropy"][m_tok].mean())
+            out["sampler_logp_diff"] = float(np.max(np.abs(scored["logp"] - batch["sample_logp"])[m_tok]))
         for name, v in first["info"]["per_function"].items():
             out[f"reward/{name}"] = float(np.mean(v))
         if self.accuracy_key is not None:
