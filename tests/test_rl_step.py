@@ -231,6 +231,14 @@ def test_advantages_of_a_batch_follow_the_estimators_and_put_the_kl_in_the_rewar
     a = 0.5 / (np.sqrt(1 / 3) + 1e-6)
     np.testing.assert_allclose(np.asarray(adv)[:, 0], [a, -a, -a, a, 0, 0, 0, 0], rtol=1e-5)
     np.testing.assert_array_equal(np.asarray(adv)[:, 4:], 0.0)
+    # negative_scale multiplies only the negative advantages: 0.25 -> [a, -a/4, -a/4, a]; 0 keeps the positive part
+    for scale in (0.25, 0.0):
+        adv_s, _, _ = compute_advantages(rewards, mask, row_mask, logp, ref, cfg=AdvantageConfig(negative_scale=scale),
+                                         group_size=G)
+        np.testing.assert_allclose(np.asarray(adv_s)[:, 0], [a, -scale * a, -scale * a, a, 0, 0, 0, 0], rtol=1e-5)
+        np.testing.assert_array_equal(np.asarray(adv_s)[:, 4:], 0.0)
+    with pytest.raises(ValueError, match="negative_scale"):
+        AdvantageConfig(negative_scale=-1.0)
     # KL in the reward (k1): r - beta * sum_t (logp - ref) over the response, before the group statistics
     beta = 0.1
     adv_kl, _, used = compute_advantages(rewards, mask, row_mask, logp, ref, cfg=AdvantageConfig(), group_size=G,

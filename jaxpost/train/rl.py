@@ -307,7 +307,10 @@ def make_rl_scorer(model: PolicyModel, mesh, param_shardings, *, rows: int, temp
 class AdvantageConfig:
     """estimator: an `ADVANTAGE_ESTIMATORS` name. grpo_scale, grpo_eps: grpo's std scaling ("group", "batch",
     "none") and epsilon. gamma, lam: discount and GAE lambda (reinforce_pp, gae). whiten: whiten GAE advantages over
-    the batch (verl, TRL); reinforce_pp always whitens."""
+    the batch (verl, TRL); reinforce_pp always whitens. negative_scale: multiplies the negative advantages (1: the
+    estimator as is; 0: only better-than-baseline samples are reinforced, a RAFT-like positive-only update; the
+    weighting of Zhu et al. 2025, "The Surprising Effectiveness of Negative Reinforcement in LLM Reasoning",
+    written on the negative side)."""
 
     estimator: str = "grpo"
     grpo_scale: str = "group"
@@ -315,6 +318,7 @@ class AdvantageConfig:
     gamma: float = 1.0
     lam: float = 0.95
     whiten: bool = True
+    negative_scale: float = 1.0
 
     def __post_init__(self):
         get_advantage_estimator(self.estimator)
@@ -322,6 +326,8 @@ class AdvantageConfig:
             raise ValueError(f"AdvantageConfig.grpo_scale must be group|batch|none, got {self.grpo_scale!r}")
         if not (0 <= self.gamma <= 1 and 0 <= self.lam <= 1):
             raise ValueError("AdvantageConfig: gamma and lam must be in [0, 1]")
+        if self.negative_scale < 0:
+            raise ValueError(f"AdvantageConfig.negative_scale must be >= 0, got {self.negative_scale}")
 
 
 def compute_advantages(rewards_B, mask_BT, row_mask_B, old_logp_BT=None, ref_logp_BT=None, values_BT=None, *,
@@ -329,7 +335,17 @@ def compute_advantages(rewards_B, mask_BT, row_mask_B, old_logp_BT=None, ref_log
     """(advantages [B, T], returns [B, T] or None, rewards used [B]) of a whole rollout batch (groups of
     `group_size` consecutive rows; `row_mask_B` 0 on padding rows). With kl_coef > 0 the KL to the reference
     (`kl_estimator` of old vs ref log-probs) is subtracted from the reward first: per sequence for the
-    sequence-level estimators, per token for reinforce_pp / gae. Pure; jit it with the keywords static."""
+    sequence-level estimators, per token for reinforce_pp / gae. The negative advantages are then multiplied by
+    `cfg.negative_scale`. Pure; jit it with the keywords static."""
+    adv_BT, ret_BT, r_B = _advantages(rewards_B, mask_BT, row_mask_B, old_logp_BT, ref_logp_BT, values_BT, cfg=cfg,
+                                      group_size=group_size, kl_coef=kl_coef, kl_estimator=kl_estimator)
+    if cfg.negative_scale != 1.0:
+        adv_BT = jnp.where(adv_BT < 0, adv_BT * cfg.negative_scale, adv_BT)
+    return adv_BT, ret_BT, r_B
+
+
+def _advantages(rewards_B, mask_BT, row_mask_B, old_logp_BT, ref_logp_BT, values_BT, *, cfg: AdvantageConfig,
+                group_size: int, kl_coef: float, kl_estimator: str):
     m_BT = mask_BT.astype(jnp.float32) * row_mask_B.astype(jnp.float32)[:, None]
     r_B = rewards_B.astype(jnp.float32)
     kl_BT = None
