@@ -8,12 +8,16 @@ and the update, with an SFT step on the same rows as the baseline measured in th
 A randomly initialised model on the arithmetic task's prompts (it rarely stops early, so nearly every sample runs to
 max_new_tokens: the worst case of a rollout). One warm-up iteration compiles every program; the figures are medians
 over --reps timed iterations. `update_vs_sft_step` is the update stage over one SFT step on the same rows (a
-forward + backward each; the update adds the PPO/GRPO loss, its metrics and the optimizer). Prints one JSON object.
+forward + backward each; the update adds the PPO/GRPO loss, its metrics and the optimizer). A second trainer with
+`RolloutConfig(old_logp="sampler")` (the sampler's log-probs as the old policy's: the scoring pass runs the
+reference only) is timed on the same prompts: `score_time_s_sampler_logp` and its ratio to the default scoring
+pass. Prints one JSON object.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import statistics
 import sys
@@ -74,10 +78,14 @@ def main(argv=None) -> None:
     ref = jax.tree.map(lambda x: x.copy(), state.params["policy"])
     ro = RolloutConfig(prompts_per_step=args.prompts, group_size=args.group_size, max_new_tokens=args.max_new_tokens,
                        max_prompt_len=24)
-    trainer = RLTrainer(model=model, tx=tx, schedule=optax.constant_schedule(1e-5), mesh=mesh, state_shardings=sh,
-                        tokenizer=tokenizer, rewards=RewardSet({"correct": task_reward(task)}), rollout=ro,
-                        loss=RLLossConfig(eps_high=0.28, kl_coef=0.01), advantage=AdvantageConfig(), ref_params=ref,
-                        accuracy_key="correct")
+
+    def make_trainer(rollout):
+        return RLTrainer(model=model, tx=tx, schedule=optax.constant_schedule(1e-5), mesh=mesh, state_shardings=sh,
+                         tokenizer=tokenizer, rewards=RewardSet({"correct": task_reward(task)}), rollout=rollout,
+                         loss=RLLossConfig(eps_high=0.28, kl_coef=0.01), advantage=AdvantageConfig(), ref_params=ref,
+                         accuracy_key="correct")
+
+    trainer = make_trainer(ro)
     prompts = build_prompt_iterator(task.source("train"), tokenizer, batch_size=args.prompts, max_prompt_len=24)
     log(f"{cfg.name}: {lm.n_params / 1e6:.1f}M params; {args.prompts} prompts x {args.group_size} samples x "
         f"{args.max_new_tokens} new tokens; warm-up iteration (compiles)")
@@ -90,6 +98,15 @@ def main(argv=None) -> None:
         m["iteration_time_s"] = time.perf_counter() - t0
         runs.append(m)
         log(f"iteration {i + 1}: " + " ".join(f"{k}={m[k]:.3f}" for k in stages + ("iteration_time_s",)))
+
+    # the sampler's log-probs as the old policy's: the scoring pass runs the reference only
+    sampler_trainer = make_trainer(dataclasses.replace(ro, old_logp="sampler"))
+    state, _ = sampler_trainer.iteration(state, next(prompts))
+    score_sampler = []
+    for _ in range(args.reps):
+        state, m = sampler_trainer.iteration(state, next(prompts))
+        score_sampler.append(m["score_time_s"])
+    log("old_logp=sampler: score_time_s=" + " ".join(f"{t:.3f}" for t in score_sampler))
 
     # baseline: an SFT step (forward + backward + AdamW) on the same rows
     batch = {k: v for k, v in trainer.last_batch.items() if k in ("inputs", "targets", "loss_mask", "segment_ids",
@@ -120,6 +137,8 @@ def main(argv=None) -> None:
         **{k: round(v, 4) for k, v in med.items()},
         "fractions": {k.replace("_time_s", ""): round(med[k] / med["iteration_time_s"], 3) for k in stages},
         "rollout_tokens_per_s": round(tokens / med["rollout_time_s"], 1),
+        "score_time_s_sampler_logp": round(statistics.median(score_sampler), 4),
+        "score_sampler_logp_vs_trainer": round(statistics.median(score_sampler) / med["score_time_s"], 3),
         "sft_step_time_s": round(sft_time, 4),
         "update_vs_sft_step": round(med["update_time_s"] / sft_time, 3),
     }
