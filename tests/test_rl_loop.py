@@ -281,6 +281,24 @@ def test_ppo_recipe_resumed_after_preemption_continues_exactly(sft_dir, tmp_path
     assert set(saved) >= {"accuracy_before", "accuracy_after", "wall_time_s", "rl_time_s"}
 
 
+def test_rl_oracle_runs_gold_answer_updates_from_an_sft_workdir(sft_dir, tmp_path):
+    from tools import rl_oracle
+
+    rl_dir = tmp_path / "rl"
+    rl_dir.mkdir()
+    (rl_dir / "metrics.jsonl").write_text("".join(json.dumps({"step": i + 1, "step_time_s": t}) + "\n"
+                                                  for i, t in enumerate([20.0, 4.0, 6.0])))
+    assert rl_oracle.measured_iteration_time(str(rl_dir)) == 5.0  # the compiling first iteration left out
+    out = tmp_path / "oracle.json"
+    rl_oracle.main(["--init-from", sft_dir, "--rl-workdir", str(rl_dir), "--budget-s", "10", "--prompts", "8",
+                    "--lrs", "1e-3", "--eval", "8", "--eval-every", "1", "--output", str(out)])
+    res = json.loads(out.read_text())
+    assert res["updates"] == 2 and res["prompts_per_update"] == 8 and res["rl_iteration_s"] == 5.0
+    curve = res["lrs"]["0.001"]["curve"]
+    assert [u for u, _ in curve] == [0, 1, 2] and all(0.0 <= a <= 1.0 for _, a in curve)
+    assert curve[0][1] == res["accuracy_start"] and res["best_gain"] == res["lrs"]["0.001"]["best"] - curve[0][1]
+
+
 def test_rl_config_errors_are_named():
     with pytest.raises(ValueError, match="gae estimator needs a value model"):
         rl.RLConfig(advantage=AdvantageConfig(estimator="gae"))
