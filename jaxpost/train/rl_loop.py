@@ -324,9 +324,10 @@ class RLTrainer:
             "adv_abs_mean": float(np.abs(adv)[m_tok].mean()) if m_tok.any() else 0.0,
             **timings,
         })
-        if self.trainer_logp and m_tok.any():  # the scoring pass's view of the rollout, and its check of the sampler
-            out["entropy_rollout"] = float(scored["entropy"][m_tok].mean())
-            out["sampler_logp_diff"] = float(np.max(np.abs(scored["logp"] - batch["sample_logp"])[m_tok]))
+        if self.trainer_logp:  # the scoring pass's view of the rollout, and its check of the sampler
+            out["entropy_rollout"] = float(scored["entropy"][m_tok].mean()) if m_tok.any() else 0.0
+            out["sampler_logp_diff"] = float(np.max(np.abs(scored["logp"] - batch["sample_logp"])[m_tok],
+                                                    initial=0.0))
         for name, v in first["info"]["per_function"].items():
             out[f"reward/{name}"] = float(np.mean(v))
         if self.accuracy_key is not None:
