@@ -18,10 +18,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import statistics
 import sys
 import time
+
+from tools.report import write_report
 
 
 def log(msg: str) -> None:
@@ -142,11 +143,7 @@ def main(argv=None) -> None:
         "sft_step_time_s": round(sft_time, 4),
         "update_vs_sft_step": round(med["update_time_s"] / sft_time, 3),
     }
-    text = json.dumps(out, indent=2)
-    print(text)
-    if args.output:
-        with open(args.output, "w") as f:
-            f.write(text + "\n")
+    write_report(out, args.output)
 
 
 if __name__ == "__main__":

@@ -32,6 +32,8 @@ import statistics
 import sys
 import time
 
+from tools.report import write_report
+
 # HBM peaks (GB/s) by `jax.devices()[0].device_kind` substring (SXM parts; PCIe H100 is 2000).
 KNOWN_PEAK_GBPS = {"H100": 3350.0, "H200": 4800.0, "A100": 2039.0, "B200": 8000.0}
 
@@ -192,11 +194,7 @@ def main() -> None:
         result["cases"].append(case)
     result["loadavg_start"] = [round(x, 2) for x in load_start]
     result["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
-    text = json.dumps(result, indent=1)
-    print(text)
-    if args.output:
-        with open(args.output, "w") as f:
-            f.write(text + "\n")
+    write_report(result, args.output, indent=1)
 
 
 if __name__ == "__main__":

@@ -23,6 +23,8 @@ import subprocess
 import sys
 import time
 
+from tools.report import write_report
+
 
 @dataclasses.dataclass(frozen=True)
 class Case:
@@ -244,11 +246,7 @@ def main(argv=None) -> None:
                 "max_rss_delta_mb": [big["memory"]["max_rss_delta_mb"], naive["memory"]["max_rss_delta_mb"]],
             }
     result["loadavg_before_after"] = [round(x, 2) for x in load_before + os.getloadavg()]
-    text = json.dumps(result, indent=1)
-    if args.output:
-        with open(args.output, "w") as f:
-            f.write(text + "\n")
-    print(text)
+    write_report(result, args.output, indent=1)
 
 
 if __name__ == "__main__":

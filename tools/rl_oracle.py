@@ -20,9 +20,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import sys
 import time
+
+from tools.report import write_report
 
 
 def log(msg: str) -> None:
@@ -118,11 +119,7 @@ def main(argv=None) -> None:
            "rl_iteration_s": iteration_s, "budget_s": args.budget_s if iteration_s else None,
            "optimizer": dataclasses.asdict(rl_cfg.optim), "eval_problems": args.eval, "lrs": runs,
            "best_gain": max(r["best"] for r in runs.values()) - start}
-    text = json.dumps(out, indent=2)
-    print(text)
-    if args.output:
-        with open(args.output, "w") as f:
-            f.write(text + "\n")
+    write_report(out, args.output)
 
 
 if __name__ == "__main__":
