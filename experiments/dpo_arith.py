@@ -10,7 +10,7 @@ and after, and a plot of rewards and margins (dpo.png).
 from experiments import sft_arith
 from jaxpost import cli
 from jaxpost.recipes import dpo
-from jaxpost.recipes.common import EvalConfig
+from jaxpost.config import EvalConfig
 
 # DPO with an NLL term on the chosen answer (RPO, TRL's rpo_alpha / "sft" loss term): plain DPO on these short
 # answers lowers the chosen answers' likelihood along with the rejected ones' and greedy accuracy falls

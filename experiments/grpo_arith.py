@@ -14,9 +14,8 @@ from experiments import sft_arith
 from jaxpost import cli
 from jaxpost.config import OptimConfig, TrainConfig
 from jaxpost.recipes import rl
-from jaxpost.recipes.common import EvalConfig
-from jaxpost.train.rl import RLLossConfig
-from jaxpost.train.rl_loop import RolloutConfig
+from jaxpost.config import EvalConfig
+from jaxpost.config import RLLossConfig, RolloutConfig
 
 # Adam restarted on an SFT model: a 20-update warm-up lets its second moments settle before the learning rate is
 # reached (without it the first, sign-like Adam steps perturb every weight by ~lr; 1e-3 and 3e-4 without warm-up

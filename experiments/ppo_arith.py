@@ -12,8 +12,7 @@ import dataclasses
 from experiments import grpo_arith
 from jaxpost import cli
 from jaxpost.recipes import rl
-from jaxpost.train.rl import AdvantageConfig, RLLossConfig
-from jaxpost.train.rl_loop import RolloutConfig
+from jaxpost.config import AdvantageConfig, RLLossConfig
 
 CONFIG = dataclasses.replace(
     grpo_arith.CONFIG,

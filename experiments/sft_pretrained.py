@@ -13,7 +13,7 @@ from jaxpost import cli
 from jaxpost.config import DataConfig, MeshConfig, ModelConfig, OptimConfig, TrainConfig
 from jaxpost.models.lora import LoRAConfig
 from jaxpost.recipes import sft
-from jaxpost.recipes.common import EvalConfig
+from jaxpost.config import EvalConfig
 
 CONFIG = sft.SFTConfig(
     steps=500,

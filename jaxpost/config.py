@@ -1,13 +1,19 @@
 """Configuration: frozen, keyword-only dataclasses validated on construction.
 
 Experiments compose these into one top-level dataclass; `jaxpost.cli` turns it into command-line overrides
-(`--config.steps=200`, `--config.model.d_model=512`) and back.
+(`--config.steps=200`, `--config.model.d_model=512`) and back. Each value is defined once, in one of these classes,
+and validated there; checks that span several configs (a KL penalty needs a reference, GAE a value model) are the
+functions at the end, called by every place that combines them.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import inspect
 from typing import Literal
+
+from jaxpost.losses import (ADVANTAGE_ESTIMATORS, KL_ESTIMATORS, LOSS_AGGREGATIONS, POLICY_LOSSES,
+                            SEQUENCE_LEVEL_ESTIMATORS)
 
 DTYPES = ("float32", "bfloat16")
 ROPE_SCALINGS = ("none", "llama3")
@@ -249,3 +255,253 @@ class TrainConfig:
         _positive(self, "grad_accum", "log_every", "keep_checkpoints")
         if self.checkpoint_every < 0 or self.eval_every < 0:
             raise ValueError("TrainConfig.checkpoint_every and eval_every must be >= 0 (0 disables)")
+
+
+#: Projections that can carry a LoRA adapter: attention q, k, v, o and the SwiGLU gate, up, down.
+LORA_TARGETS: tuple[str, ...] = ("q", "k", "v", "o", "gate", "up", "down")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class LoRAConfig:
+    """Adapters of rank `rank` (0 disables LoRA) with scale alpha / rank on the projections in `targets`; `dropout` is
+    applied to the adapter's input during training steps (not to the frozen path, not in sampling or scoring)."""
+
+    rank: int = 0
+    alpha: float = 16.0
+    dropout: float = 0.0
+    targets: tuple[str, ...] = LORA_TARGETS
+    rslora: bool = False
+
+    def __post_init__(self):
+        if not isinstance(self.rank, int) or self.rank < 0:
+            raise ValueError(f"LoRAConfig.rank must be an int >= 0 (0 disables LoRA), got {self.rank!r}")
+        if self.alpha <= 0:
+            raise ValueError(f"LoRAConfig.alpha must be > 0, got {self.alpha!r}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"LoRAConfig.dropout must be in [0, 1), got {self.dropout!r}")
+        object.__setattr__(self, "targets", tuple(self.targets))
+        unknown = [t for t in self.targets if t not in LORA_TARGETS]
+        if unknown or not self.targets or len(set(self.targets)) != len(self.targets):
+            raise ValueError(f"LoRAConfig.targets must be distinct names from {LORA_TARGETS}, got {self.targets!r}")
+
+    @property
+    def enabled(self) -> bool:
+        return self.rank > 0
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / (self.rank ** 0.5 if self.rslora else self.rank)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class TaskConfig:
+    """A built-in verifiable task (`jaxpost.data.tasks`)."""
+
+    name: str = "arithmetic"
+    min_digits: int = 1
+    max_digits: int = 2
+    ops: tuple[str, ...] = ("+", "-")
+    seed: int = 0
+
+    def kwargs(self) -> dict:
+        return {"min_digits": self.min_digits, "max_digits": self.max_digits, "ops": tuple(self.ops),
+                "seed": self.seed}
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class EvalConfig:
+    """Held-out accuracy of greedy answers on the first `n_examples` problems of the task's test split."""
+
+    n_examples: int = 200
+    batch_size: int = 100
+    max_prompt_len: int = 24
+    max_new_tokens: int = 7
+
+    def __post_init__(self):
+        if self.n_examples < 0 or self.batch_size <= 0 or self.max_prompt_len <= 0 or self.max_new_tokens <= 0:
+            raise ValueError(f"EvalConfig: invalid sizes {self}")
+
+
+# ---- reinforcement learning ---------------------------------------------------------------------------------------
+
+#: The value model of an RL policy: none, a scalar head on the policy's trunk, or a separate critic decoder.
+VALUE_MODES = ("none", "head", "critic")
+#: Where a KL penalty to the reference goes: the loss (per token) or the reward (before the advantages).
+KL_PLACEMENTS = ("loss", "reward")
+#: Where the old policy's log-probs (the PPO ratio's denominator) come from (`RolloutConfig.old_logp`).
+OLD_LOGP_SOURCES = ("trainer", "sampler")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class RolloutConfig:
+    """What one RL iteration samples and how it is consumed.
+
+    prompts_per_step x group_size rows per iteration. max_new_tokens, temperature, top_k, top_p: the sampler;
+    `temperature` is also the update's: its log-probs are under softmax(logits / temperature), the sampling
+    distribution the ratio compares against.
+    dynamic_sampling: keep only groups with unequal rewards, drawing up to max_sampling_rounds prompt batches.
+    overlong_buffer > 0: DAPO's soft overlong penalty over the last `overlong_buffer` tokens before max_new_tokens
+    (times overlong_penalty_factor). ppo_epochs passes over the batch, each in `minibatches` optimizer steps.
+    old_logp: where the old policy's log-probs (the PPO ratio's denominator) come from: "trainer" recomputes them in
+    the scoring pass with the update step's own forward and log-prob core (ratio 1 at the first update up to float
+    rounding); "sampler" takes the sampler's (the same quantity under the untruncated temperature-T softmax,
+    computed by the decode loop: equal to ~1e-5 in float32, checked every iteration as `sampler_logp_diff` when the
+    trainer's are computed) and skips the policy's forward in the scoring pass; verl's rollout log-probs.
+    """
+
+    prompts_per_step: int = 64
+    group_size: int = 8
+    max_new_tokens: int = 8
+    max_prompt_len: int = 24
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    dynamic_sampling: bool = False
+    max_sampling_rounds: int = 3
+    overlong_buffer: int = 0
+    overlong_penalty_factor: float = 1.0
+    ppo_epochs: int = 1
+    minibatches: int = 1
+    old_logp: str = "trainer"
+
+    def __post_init__(self):
+        _positive(self, "prompts_per_step", "group_size", "max_new_tokens", "max_prompt_len", "max_sampling_rounds",
+                  "ppo_epochs", "minibatches")
+        if not self.temperature > 0:
+            raise ValueError(f"RolloutConfig.temperature must be > 0 for RL (sampling), got {self.temperature}")
+        if self.rows % self.minibatches:
+            raise ValueError(f"RolloutConfig: {self.rows} rows do not split into minibatches={self.minibatches}")
+        if self.old_logp not in OLD_LOGP_SOURCES:
+            raise ValueError(f"RolloutConfig.old_logp must be one of {OLD_LOGP_SOURCES}, got {self.old_logp!r}")
+        if not 0 <= self.overlong_buffer <= self.max_new_tokens:
+            raise ValueError(f"RolloutConfig.overlong_buffer must be in [0, max_new_tokens], got "
+                             f"{self.overlong_buffer}")
+
+    @property
+    def rows(self) -> int:
+        return self.prompts_per_step * self.group_size
+
+    @property
+    def seq_len(self) -> int:
+        return self.max_prompt_len + self.max_new_tokens
+
+    @property
+    def updates_per_iteration(self) -> int:
+        return self.ppo_epochs * self.minibatches
+
+    @property
+    def rows_per_update(self) -> int:
+        return self.rows // self.minibatches
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class RLLossConfig:
+    """The RL update's objective (the sampling temperature it is computed under is `RolloutConfig.temperature`).
+
+    policy_loss: a `POLICY_LOSSES` name (ppo: PPO-clip, GRPO and DAPO; gspo, gspo_seq; reinforce); its
+      hyperparameters are read from this config by the registry (eps_low, eps_high (None: = eps_low), dual_clip).
+    aggregation: a `LOSS_AGGREGATIONS` name; max_length: the constant of seq_mean_token_sum_norm (0: the sampler's
+      max_new_tokens).
+    kl_coef, kl_estimator, kl_in: a KL penalty to the reference, in the loss (per token, aggregated with the policy
+      loss) or in the reward (subtracted before the advantages); 0 disables it.
+    entropy_coef: entropy bonus. vf_coef, vf_clip: the value loss (value model only).
+    """
+
+    policy_loss: str = "ppo"
+    eps_low: float = 0.2
+    eps_high: float | None = None
+    dual_clip: float | None = None
+    aggregation: str = "token_mean"
+    max_length: int = 0
+    kl_coef: float = 0.0
+    kl_estimator: str = "k3"
+    kl_in: str = "loss"
+    entropy_coef: float = 0.0
+    vf_coef: float = 0.1
+    vf_clip: float | None = 0.2
+
+    def __post_init__(self):
+        POLICY_LOSSES.get(self.policy_loss)
+        LOSS_AGGREGATIONS.get(self.aggregation)
+        KL_ESTIMATORS.get(self.kl_estimator)
+        if self.kl_in not in KL_PLACEMENTS:
+            raise ValueError(f"RLLossConfig.kl_in must be one of {KL_PLACEMENTS}, got {self.kl_in!r}")
+        if self.kl_coef < 0 or self.entropy_coef < 0 or self.vf_coef < 0:
+            raise ValueError("RLLossConfig: kl_coef, entropy_coef and vf_coef must be >= 0")
+        if self.max_length < 0:
+            raise ValueError(f"RLLossConfig.max_length must be >= 0, got {self.max_length}")
+
+    @property
+    def kl_in_loss(self) -> bool:
+        return self.kl_coef > 0 and self.kl_in == "loss"
+
+    @property
+    def kl_in_reward(self) -> bool:
+        return self.kl_coef > 0 and self.kl_in == "reward"
+
+    def policy_kwargs(self) -> dict:
+        """The hyperparameters of `policy_loss`, as its registry entry names them."""
+        return POLICY_LOSSES.kwargs(self.policy_loss, self)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class AdvantageConfig:
+    """estimator: an `ADVANTAGE_ESTIMATORS` name; the registry reads its hyperparameters from this config:
+    grpo_scale, grpo_eps (grpo's std scaling "group" | "batch" | "none" and epsilon), gamma, lam (discount and GAE
+    lambda: reinforce_pp, gae). whiten: whiten the advantages of an estimator with a value model (GAE) over the
+    batch (verl, TRL); reinforce_pp always whitens. negative_scale: multiplies the negative advantages (1: the
+    estimator as is; 0: only better-than-baseline samples are reinforced, a RAFT-like positive-only update; the
+    weighting of Zhu et al. 2025, "The Surprising Effectiveness of Negative Reinforcement in LLM Reasoning",
+    written on the negative side)."""
+
+    estimator: str = "grpo"
+    grpo_scale: str = "group"
+    grpo_eps: float = 1e-6
+    gamma: float = 1.0
+    lam: float = 0.95
+    whiten: bool = True
+    negative_scale: float = 1.0
+
+    def __post_init__(self):
+        ADVANTAGE_ESTIMATORS.get(self.estimator)
+        if self.grpo_scale not in ("group", "batch", "none"):
+            raise ValueError(f"AdvantageConfig.grpo_scale must be group|batch|none, got {self.grpo_scale!r}")
+        if not (0 <= self.gamma <= 1 and 0 <= self.lam <= 1):
+            raise ValueError("AdvantageConfig: gamma and lam must be in [0, 1]")
+        if self.negative_scale < 0:
+            raise ValueError(f"AdvantageConfig.negative_scale must be >= 0, got {self.negative_scale}")
+
+    @property
+    def sequence_level(self) -> bool:
+        """One advantage per sequence from outcome rewards (grpo, dr_grpo, rloo), else per token."""
+        return self.estimator in SEQUENCE_LEVEL_ESTIMATORS
+
+    @property
+    def needs_values(self) -> bool:
+        """The estimator reads the value model's values (gae)."""
+        return "values_BT" in _required_keywords(ADVANTAGE_ESTIMATORS.get(self.estimator))
+
+    def kwargs(self) -> dict:
+        """The estimator's hyperparameters, as its registry entry names them."""
+        return ADVANTAGE_ESTIMATORS.kwargs(self.estimator, self)
+
+
+def _required_keywords(fn) -> set[str]:
+    return {p.name for p in inspect.signature(fn).parameters.values()
+            if p.kind is p.KEYWORD_ONLY and p.default is p.empty}
+
+
+def check_value_mode(value: str) -> None:
+    if value not in VALUE_MODES:
+        raise ValueError(f"value must be one of {VALUE_MODES}, got {value!r}")
+
+
+def check_rl(*, value: str, advantage: AdvantageConfig, loss: RLLossConfig, reference: bool) -> None:
+    """The checks that span an RL run's configs: the value model mode, an estimator that needs values has a value
+    model, a KL penalty has a reference. `reference`: the run holds a reference policy."""
+    check_value_mode(value)
+    if advantage.needs_values and value == "none":
+        raise ValueError(f"the {advantage.estimator} estimator needs a value model: set value='head' or 'critic'")
+    if loss.kl_coef > 0 and not reference:
+        raise ValueError("a KL penalty (loss.kl_coef > 0) needs reference=True (a reference policy; for a LoRA "
+                         "policy, its base model)")

@@ -56,13 +56,14 @@ def cached_lm(cfg: ModelConfig):
 def sft_single_and_sharded(lm, tx, schedule, batch: dict, shape, *, grad_accum: int, rows: int, steps: int = 2):
     """(single-device, sharded) results of `steps` SFT steps from the same seed-0 state on one device and on a
     (data, fsdp, tensor) = `shape` mesh: each (host metrics, host params, the final sharded state)."""
-    from jaxpost.train.sft import make_sft_step
+    from jaxpost.train.sft import SFT
+    from jaxpost.train.step import make_step
     from jaxpost.train.state import create_train_state
 
     out = []
     for mesh in (single_device_mesh(), mesh_of(*shape)):
         state, shardings = create_train_state(lm, tx, mesh, seed=0)
-        step = make_sft_step(lm, tx, schedule, mesh, shardings, grad_accum=grad_accum, rows=rows)
+        step = make_step(lm, tx, schedule, SFT(lm), mesh=mesh, state_shardings=shardings, units=rows, grad_accum=grad_accum)
         for _ in range(steps):
             state, metrics = step(state, batch)
         out.append((jax.device_get(metrics), jax.device_get(state.params), state))

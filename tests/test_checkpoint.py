@@ -13,8 +13,8 @@ import numpy as np
 from jaxpost.config import DataConfig, MeshConfig, OptimConfig, TrainConfig
 from jaxpost.models import LM
 from jaxpost.recipes import sft
-from jaxpost.recipes.common import EvalConfig
-from jaxpost.train.checkpoint import Checkpointer
+from jaxpost.config import EvalConfig
+from jaxpost.checkpoint import Checkpointer
 from jaxpost.train.loop import read_metrics
 from jaxpost.train.optim import make_optimizer
 from jaxpost.train.state import abstract_train_state, state_shardings, with_shardings

@@ -15,7 +15,7 @@ from jaxpost.data import (
     build_sft_iterator,
     read_jsonl,
 )
-from jaxpost.tokenizer import train_tokenizer
+from jaxpost.tokenizers import train_tokenizer
 
 SEQ_LEN = 64
 

@@ -8,13 +8,9 @@ import optax
 import pytest
 
 from jaxpost.models import LM
-from jaxpost.train.dpo import (
-    make_preference_step,
-    make_reference_logps,
-    preference_step_fn,
-    sequence_logps,
-    split_preference_microbatches,
-)
+from jaxpost.batch import split_microbatches
+from jaxpost.train.dpo import Preference, make_reference_logps, sequence_logps
+from jaxpost.train.step import make_step, step_fn
 from jaxpost.train.state import TrainState, create_train_state
 from tests.helpers import cached_lm, max_abs_diff, mesh_of, single_device_mesh, tiny_config
 
@@ -43,10 +39,9 @@ def _sgd_state(params):
 
 def test_policy_equal_to_reference_gives_log_2_and_zero_rewards():
     lm, params = cached_lm(tiny_config())
-    batch = split_preference_microbatches(pair_batch(np.random.default_rng(0), 4, 12), 1)
+    batch = split_microbatches(pair_batch(np.random.default_rng(0), 4, 12), 1)
     tx, state = _sgd_state(params)
-    step = jax.jit(preference_step_fn(lm, tx, optax.constant_schedule(1.0), loss="sigmoid",
-                                      loss_kwargs={"beta": 0.1}))
+    step = jax.jit(step_fn(lm, tx, optax.constant_schedule(1.0), Preference(lm, loss="sigmoid", loss_kwargs={"beta": 0.1})))
     _, m = step(state, params, batch)
     np.testing.assert_allclose(float(m["loss"]), np.log(2.0), rtol=1e-6)
     assert float(m["chosen_rewards"]) == 0.0 and float(m["margins"]) == 0.0
@@ -60,16 +55,15 @@ def test_loss_and_gradient_do_not_depend_on_the_micro_batch_split_and_skip_paddi
     batch["pair_mask"][5] = 0.0  # a padding pair: it must change nothing
     _, ref_params = lm, jax.tree.map(lambda x: x * 0.9, params)  # a different reference, so the loss is not log 2
     tx, state = _sgd_state(params)
-    step = jax.jit(preference_step_fn(lm, tx, optax.constant_schedule(1.0), loss="sigmoid",
-                                      loss_kwargs={"beta": 0.5, "sft_weight": 0.3}))
-    results = [step(state, ref_params, split_preference_microbatches(batch, a)) for a in (1, 4)]
+    step = jax.jit(step_fn(lm, tx, optax.constant_schedule(1.0), Preference(lm, loss="sigmoid", loss_kwargs={"beta": 0.5, "sft_weight": 0.3})))
+    results = [step(state, ref_params, split_microbatches(batch, a)) for a in (1, 4)]
     for s, m in results[1:]:
         np.testing.assert_allclose(float(m["loss"]), float(results[0][1]["loss"]), rtol=1e-5)
         assert max_abs_diff(s.params, results[0][0].params) < 1e-6
     # the padding pair is ignored: changing its tokens changes nothing
     other = {k: v.copy() for k, v in batch.items()}
     other["inputs"][10:12] = (other["inputs"][10:12] + 7) % V
-    s2, m2 = step(state, ref_params, split_preference_microbatches(other, 4))
+    s2, m2 = step(state, ref_params, split_microbatches(other, 4))
     assert max_abs_diff(s2.params, results[0][0].params) < 1e-6
     assert float(m2["pairs"]) == 7.0
 
@@ -85,11 +79,10 @@ def test_precomputed_reference_equals_the_held_reference_model():
         sequence_logps(lm, ref_params, {k: jnp.asarray(v) for k, v in batch.items()})[0]), rtol=1e-6)
     tx, state = _sgd_state(params)
     sched = optax.constant_schedule(1.0)
-    held = jax.jit(preference_step_fn(lm, tx, sched, loss="ipo", loss_kwargs={"beta": 0.1}))
-    precomputed = jax.jit(preference_step_fn(lm, tx, sched, loss="ipo", loss_kwargs={"beta": 0.1},
-                                             reference="precomputed"))
-    s1, m1 = held(state, ref_params, split_preference_microbatches(batch, 2))
-    s2, m2 = precomputed(state, None, split_preference_microbatches(pre, 2))
+    held = jax.jit(step_fn(lm, tx, sched, Preference(lm, loss="ipo", loss_kwargs={"beta": 0.1})))
+    precomputed = jax.jit(step_fn(lm, tx, sched, Preference(lm, loss="ipo", loss_kwargs={"beta": 0.1}, reference="precomputed")))
+    s1, m1 = held(state, ref_params, split_microbatches(batch, 2))
+    s2, m2 = precomputed(state, None, split_microbatches(pre, 2))
     np.testing.assert_allclose(float(m1["loss"]), float(m2["loss"]), rtol=1e-5)
     assert max_abs_diff(s1.params, s2.params) < 1e-6
 
@@ -98,16 +91,16 @@ def test_reference_free_losses_and_mode_errors():
     lm, params = cached_lm(tiny_config())
     tx, state = _sgd_state(params)
     sched = optax.constant_schedule(0.0)
-    batch = split_preference_microbatches(pair_batch(np.random.default_rng(3), 2, 10), 1)
+    batch = split_microbatches(pair_batch(np.random.default_rng(3), 2, 10), 1)
     for loss in ("simpo", "orpo"):
-        _, m = jax.jit(preference_step_fn(lm, tx, sched, loss=loss, reference="none"))(state, None, batch)
+        _, m = jax.jit(step_fn(lm, tx, sched, Preference(lm, loss=loss, reference="none")))(state, None, batch)
         assert np.isfinite(float(m["loss"]))
     with pytest.raises(ValueError, match="reference-free"):
-        preference_step_fn(lm, tx, sched, loss="simpo", reference="model")
+        step_fn(lm, tx, sched, Preference(lm, loss="simpo", reference="model"))
     with pytest.raises(ValueError, match="needs reference"):
-        preference_step_fn(lm, tx, sched, loss="sigmoid", reference="none")
+        step_fn(lm, tx, sched, Preference(lm, loss="sigmoid", reference="none"))
     with pytest.raises(ValueError, match="unknown preference loss"):
-        preference_step_fn(lm, tx, sched, loss="dpo")
+        step_fn(lm, tx, sched, Preference(lm, loss="dpo"))
 
 
 @pytest.mark.parametrize("shape", [(2, 2, 2)])  # the SFT step tests (1, 8, 1) too
@@ -116,13 +109,12 @@ def test_sharded_step_equals_single_device(shape):
     # plain SGD: the params after two steps compare the gradients directly (Adam would amplify round-off in
     # near-zero gradient entries to a full lr-sized step)
     tx, schedule = optax.sgd(0.5), optax.constant_schedule(0.5)
-    batch = split_preference_microbatches(pair_batch(np.random.default_rng(4), 16, 12), 2)
+    batch = split_microbatches(pair_batch(np.random.default_rng(4), 16, 12), 2)
     out = {}
     for name, mesh in (("single", single_device_mesh()), ("sharded", mesh_of(*shape))):
         state, shardings = create_train_state(lm, tx, mesh, seed=0)
         ref_params = jax.tree.map(lambda x: x * 0.95, state.params)  # sharded like the policy
-        step = make_preference_step(lm, tx, schedule, mesh, shardings, grad_accum=2, pairs=16, loss="sigmoid",
-                                    loss_kwargs={"beta": 0.2})
+        step = make_step(lm, tx, schedule, Preference(lm, loss="sigmoid", loss_kwargs={"beta": 0.2}), mesh=mesh, state_shardings=shardings, units=16, grad_accum=2)
         for _ in range(2):
             state, metrics = step(state, ref_params, batch)
         out[name] = (jax.device_get(metrics), jax.device_get(state.params))

@@ -1,4 +1,4 @@
-"""Tests for jaxpost.hf_tokenizer: tokenizer.json checkpoints (Qwen2.5 ChatML and Llama 3 chat templates) against
+"""Tests for jaxpost.tokenizers.hf: tokenizer.json checkpoints (Qwen2.5 ChatML and Llama 3 chat templates) against
 transformers, loss masks from hand-derived spans, pickling, `load_tokenizer` dispatch, and the SFT/preference
 pipelines."""
 
@@ -13,8 +13,8 @@ from tokenizers import Regex, decoders, models, normalizers, pre_tokenizers, tra
 
 from jaxpost.data import build_sft_iterator
 from jaxpost.data.preference import build_preference_iterator
-from jaxpost.hf_tokenizer import HFTokenizer
-from jaxpost.tokenizer import ChatTokenizer, Tokenizer, decode_completion, load_tokenizer, train_tokenizer
+from jaxpost.tokenizers.hf import HFTokenizer
+from jaxpost.tokenizers import ChatTokenizer, Tokenizer, decode_completion, load_tokenizer, train_tokenizer
 
 transformers = pytest.importorskip("transformers")
 

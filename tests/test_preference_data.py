@@ -24,7 +24,7 @@ from jaxpost.data import (
     read_kto_jsonl,
     read_preference_jsonl,
 )
-from jaxpost.tokenizer import train_tokenizer
+from jaxpost.tokenizers import train_tokenizer
 
 SEQ_LEN = 48
 WORDS = ["alpha", "beta", "gamma", "delta", "epsilon", "zeta"]

@@ -9,7 +9,7 @@ import pytest
 
 from jaxpost.config import DataConfig, MeshConfig, OptimConfig, TrainConfig
 from jaxpost.recipes import dpo, rm, sft
-from jaxpost.recipes.common import EvalConfig
+from jaxpost.config import EvalConfig
 from jaxpost.train.loop import read_metrics
 from tests.helpers import tiny_config
 

@@ -20,9 +20,9 @@ from jaxpost.models import LM, from_pretrained  # noqa: E402
 from jaxpost.models.hf import logits as jaxpost_logits  # noqa: E402
 from jaxpost.models.lora import LoRAConfig, adapter_params, base_params, load_adapters  # noqa: E402
 from jaxpost.recipes import dpo, sft  # noqa: E402
-from jaxpost.recipes.common import EvalConfig  # noqa: E402
-from jaxpost.tokenizer import HFTokenizer, load_tokenizer  # noqa: E402
-from jaxpost.train.checkpoint import Checkpointer  # noqa: E402
+from jaxpost.config import EvalConfig  # noqa: E402
+from jaxpost.tokenizers import HFTokenizer, load_tokenizer  # noqa: E402
+from jaxpost.checkpoint import Checkpointer  # noqa: E402
 from jaxpost.train.state import with_shardings  # noqa: E402
 from tests.helpers import max_abs_diff, single_device_mesh  # noqa: E402
 from tests.test_hf_tokenizer import QWEN_SPECIALS, SPLIT_PATTERN  # noqa: E402

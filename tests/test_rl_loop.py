@@ -15,13 +15,14 @@ from jaxpost.config import DataConfig, MeshConfig, OptimConfig, TrainConfig
 from jaxpost.data import DataError, make_task
 from jaxpost.data.prompts import build_prompt_iterator
 from jaxpost.recipes import rl, sft
-from jaxpost.recipes.common import EvalConfig
+from jaxpost.config import EvalConfig
 from jaxpost.rollout import Rollout
 from jaxpost.rollout.rewards import RewardSet, task_reward
-from jaxpost.tokenizer import train_tokenizer
+from jaxpost.tokenizers import train_tokenizer
 from jaxpost.train.loop import read_metrics
-from jaxpost.train.rl import AdvantageConfig, PolicyModel, RLLossConfig
-from jaxpost.train.rl_loop import RLTrainer, RolloutConfig, concat_rollouts
+from jaxpost.config import AdvantageConfig, RLLossConfig, RolloutConfig
+from jaxpost.train.rl import PolicyModel
+from jaxpost.train.rl_loop import RLTrainer, concat_rollouts
 from jaxpost.train.state import TrainState, abstract_train_state, state_shardings
 from tests.helpers import cached_lm, max_abs_diff, mesh_of, tiny_config
 
@@ -148,7 +149,7 @@ def test_tiny_grpo_run_raises_the_reward_and_the_first_update_has_ratio_one(toke
                               mesh=mesh_of(4, 2, 1), lr=1e-2)
     history = []
     for _ in range(12):
-        state, m = trainer.iteration(state, next(prompts))
+        state, m = trainer.iteration(state, prompts)
         history.append(m)
     first = history[0]
     # the sampler's log-probs are the trainer's (same forward, same core) and the first update sees ratio 1
@@ -178,8 +179,13 @@ def test_sampler_log_probs_as_the_old_log_probs_give_the_same_update(tokenizer, 
                            minibatches=2)
         trainer, state = _trainer(lm, params, tokenizer, ro, rewards, mesh=mesh_of(4, 2, 1), reference=reference)
         assert (trainer.scorer is None) == (source == "sampler" and not reference)
-        state, m = trainer.iteration(state, batch)
-        out[source] = (jax.device_get(state.params), m, trainer.last_batch)
+        # the iteration's phases one by one, to look at the update batch
+        samples = trainer.sample(state, iter([batch]))
+        scored = trainer.score(state.params, samples)
+        update = trainer.advantages(samples, scored)
+        state, step_metrics = trainer.update(state, update, samples.iteration)
+        m = trainer.metrics(samples, scored, update, step_metrics, timings={})
+        out[source] = (jax.device_get(state.params), m, update)
     (p_t, m_t, b_t), (p_s, m_s, b_s) = out["trainer"], out["sampler"]
     assert m_t["sampler_logp_diff"] < 1e-4 and "sampler_logp_diff" not in m_s
     m = b_t["loss_mask"] > 0  # (the trainer's log-probs also cover the prompt tokens, the sampler's are 0 there)
@@ -225,7 +231,7 @@ def test_dynamic_sampling_keeps_only_groups_with_unequal_rewards(tokenizer):
                        max_sampling_rounds=3)
     trainer, state = _trainer(lm, params, tokenizer, ro, RewardSet({"coin": coin}, timeout_s=None),
                               mesh=mesh_of(4, 2, 1))
-    state, m = trainer.iteration(state, next(prompts), more_prompts=lambda: next(prompts))
+    state, m = trainer.iteration(state, prompts)
     assert m["batch_groups"] == 4.0 and m["zero_adv_group_frac"] < 1.0
     assert m["sampling_rounds"] in (1.0, 2.0, 3.0)
 
@@ -235,7 +241,7 @@ def test_dynamic_sampling_keeps_only_groups_with_unequal_rewards(tokenizer):
     trainer, state = _trainer(lm, params, tokenizer, ro, RewardSet({"constant": constant}, timeout_s=None),
                               mesh=mesh_of(4, 2, 1))
     before = jax.device_get(state.params)
-    state, m = trainer.iteration(state, next(prompts), more_prompts=lambda: next(prompts))
+    state, m = trainer.iteration(state, prompts)
     assert m["batch_groups"] == 0.0 and m["sampling_rounds"] == 3.0 and m["zero_adv_group_frac"] == 1.0
     assert m["tokens"] == 0.0 and max_abs_diff(jax.device_get(state.params), before) == 0.0
 
@@ -304,7 +310,7 @@ def test_rl_config_errors_are_named():
         rl.RLConfig(advantage=AdvantageConfig(estimator="gae"))
     with pytest.raises(ValueError, match="needs reference=True"):
         rl.RLConfig(reference=False, loss=RLLossConfig(kl_coef=0.1))
-    with pytest.raises(ValueError, match="must equal"):
+    with pytest.raises(TypeError, match="temperature"):  # one sampling temperature: the rollout's, used by the loss
         rl.RLConfig(loss=RLLossConfig(temperature=0.7))
     with pytest.raises(ValueError, match="do not split"):
         RolloutConfig(prompts_per_step=3, group_size=3, minibatches=2)

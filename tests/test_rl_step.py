@@ -9,8 +9,10 @@ import optax
 import pytest
 
 from jaxpost.losses import aggregate_loss, grpo, loss_denominator
-from jaxpost.train.rl import (AdvantageConfig, PolicyModel, RLLossConfig, batch_keys, compute_advantages,
-                              make_rl_scorer, make_rl_step, rl_step_fn, split_rl_microbatches)
+from jaxpost.batch import split_microbatches
+from jaxpost.config import AdvantageConfig, RLLossConfig
+from jaxpost.train.rl import PolicyGradient, PolicyModel, batch_keys, compute_advantages, make_rl_scorer
+from jaxpost.train.step import make_step, step_fn
 from jaxpost.train.state import TrainState, abstract_train_state, state_shardings
 from tests.helpers import cached_lm, max_abs_diff, mesh_of, single_device_mesh, tiny_config
 
@@ -51,7 +53,7 @@ def full_batch(model, state_params, rows, loss_cfg: RLLossConfig, *, ref_params=
     """Old log-probs from the scoring pass of `state_params`, advantages from random 0/1 rewards."""
     R = rows["inputs"].shape[0]
     mesh = single_device_mesh()
-    scorer = make_rl_scorer(model, mesh, model.param_shardings(mesh), rows=R, temperature=loss_cfg.temperature,
+    scorer = make_rl_scorer(model, mesh, model.param_shardings(mesh), rows=R, temperature=1.0,
                             with_ref=ref_params is not None)
     scored = jax.device_get(scorer(state_params, ref_params, rows))
     rewards = np.random.default_rng(seed).integers(0, 2, R).astype(np.float32)
@@ -82,8 +84,8 @@ def test_first_update_has_ratio_one_no_clipping_and_the_reinforce_gradient():
     state, _ = make_state(model, params, tx)
     rows = rollout_rows(np.random.default_rng(0), 8, 12)
     batch, _ = full_batch(model, state.params, rows, loss_cfg)
-    step = jax.jit(rl_step_fn(model, tx, optax.constant_schedule(1.0), loss_cfg))
-    new, m = step(state, split_rl_microbatches(batch, 1))
+    step = jax.jit(step_fn(model, tx, optax.constant_schedule(1.0), PolicyGradient(model, loss_cfg)))
+    new, m = step(state, split_microbatches(batch, 1))
     assert abs(float(m["ratio"]) - 1.0) < 1e-6
     assert float(m["clip_frac"]) == 0.0 and abs(float(m["approx_kl"])) < 1e-9
 
@@ -120,8 +122,8 @@ def test_loss_and_gradient_do_not_depend_on_the_micro_batch_split(policy_loss, a
     ref = perturbed(params, 0.05, seed=4)
     batch, _ = full_batch(model, model.from_policy(perturbed(params, 0.02), jax.random.PRNGKey(1)), rows,
                           loss_cfg, ref_params=ref, estimator="grpo")
-    step = jax.jit(rl_step_fn(model, tx, optax.constant_schedule(1.0), loss_cfg))
-    results = [step(state, split_rl_microbatches(batch, a)) for a in (1, 4)]
+    step = jax.jit(step_fn(model, tx, optax.constant_schedule(1.0), PolicyGradient(model, loss_cfg)))
+    results = [step(state, split_microbatches(batch, a)) for a in (1, 4)]
     (p1, m1) = results[0]
     for p, m in results[1:]:
         assert max_abs_diff(p.params, p1.params) < 2e-6
@@ -144,8 +146,8 @@ def test_sharded_step_equals_single_device(value):
     out = {}
     for name, mesh in (("one", single_device_mesh()), ("2x2x2", mesh_of(2, 2, 2))):
         state, sh = make_state(model, params, tx, mesh)
-        step = make_rl_step(model, tx, optax.constant_schedule(0.5), mesh, sh, loss_cfg, rows=16, grad_accum=2)
-        mb = {k: jax.device_put(v, step.batch_shardings[k]) for k, v in split_rl_microbatches(batch, 2).items()}
+        step = make_step(model, tx, optax.constant_schedule(0.5), PolicyGradient(model, loss_cfg), mesh=mesh, state_shardings=sh, units=16, grad_accum=2)
+        mb = {k: jax.device_put(v, step.batch_shardings[k]) for k, v in split_microbatches(batch, 2).items()}
         state, m = step(state, mb)
         state, m = step(state, mb)  # a second step: the optimizer state is sharded and reused
         out[name] = (jax.device_get(state.params), jax.device_get(m))
@@ -187,8 +189,8 @@ def test_critic_gradient_does_not_reach_the_policy_and_the_head_one_does():
         batch, _ = full_batch(model, state.params, rows, loss_cfg)
         batch["advantages"] = np.zeros_like(batch["advantages"])
         batch["returns"] = np.ones_like(batch["returns"])
-        new, m = jax.jit(rl_step_fn(model, tx, optax.constant_schedule(1.0), loss_cfg))(
-            state, split_rl_microbatches(batch, 1))
+        new, m = jax.jit(step_fn(model, tx, optax.constant_schedule(1.0), PolicyGradient(model, loss_cfg)))(
+            state, split_microbatches(batch, 1))
         v = np.asarray(model.values(state.params, rows, lm.hidden(params, rows["inputs"], rows["positions"],
                                                                    rows["segment_ids"])))
         mask = rows["loss_mask"]

@@ -8,8 +8,9 @@ import optax
 import pytest
 
 from jaxpost.models.heads import ScalarHeadLM, last_token_index
-from jaxpost.train.dpo import split_preference_microbatches
-from jaxpost.train.rm import make_reward_step, reward_step_fn, sequence_rewards
+from jaxpost.batch import split_microbatches
+from jaxpost.train.rm import PairwiseReward, sequence_rewards
+from jaxpost.train.step import make_step, step_fn
 from jaxpost.train.state import TrainState, create_train_state
 from tests.helpers import cached_lm, max_abs_diff, mesh_of, single_device_mesh, tiny_config
 from tests.test_dpo_step import pair_batch
@@ -37,8 +38,8 @@ def test_zero_head_gives_log_2_and_the_hand_derived_head_gradient():
     model, params = _model_and_params()
     batch = pair_batch(np.random.default_rng(0), 4, 12)
     tx, state = _sgd_state(params)
-    new, m = jax.jit(reward_step_fn(model, tx, optax.constant_schedule(1.0)))(
-        state, split_preference_microbatches(batch, 1))
+    new, m = jax.jit(step_fn(model, tx, optax.constant_schedule(1.0), PairwiseReward(model)))(
+        state, split_microbatches(batch, 1))
     np.testing.assert_allclose(float(m["loss"]), np.log(2.0), rtol=1e-6)
     # d/dw mean_i -log sigma(w.(h_ci - h_ri)) at w = 0 is -0.5 * mean_i (h_ci - h_ri), h at the last completion token
     h = np.asarray(model.lm.hidden(params["lm"], batch["inputs"], batch["positions"], batch["segment_ids"]),
@@ -54,9 +55,8 @@ def test_loss_and_gradient_do_not_depend_on_the_micro_batch_split():
     batch = pair_batch(np.random.default_rng(1), 8, 12)
     batch["pair_mask"][3] = 0.0
     tx, state = _sgd_state(params)
-    step = jax.jit(reward_step_fn(model, tx, optax.constant_schedule(1.0),
-                                  loss_kwargs={"center_rewards_coefficient": 0.01}))
-    results = [step(state, split_preference_microbatches(batch, a)) for a in (1, 4)]
+    step = jax.jit(step_fn(model, tx, optax.constant_schedule(1.0), PairwiseReward(model, loss_kwargs={"center_rewards_coefficient": 0.01})))
+    results = [step(state, split_microbatches(batch, a)) for a in (1, 4)]
     for s, m in results[1:]:
         np.testing.assert_allclose(float(m["loss"]), float(results[0][1]["loss"]), rtol=1e-5)
         assert max_abs_diff(s.params, results[0][0].params) < 1e-5  # float32 sums in another order
@@ -71,11 +71,11 @@ def test_sharded_step_equals_single_device(shape):
     cfg = tiny_config()
     model = ScalarHeadLM(cfg, head_init_std=0.3)
     tx, schedule = optax.sgd(0.5), optax.constant_schedule(0.5)
-    batch = split_preference_microbatches(pair_batch(np.random.default_rng(2), 16, 12), 2)
+    batch = split_microbatches(pair_batch(np.random.default_rng(2), 16, 12), 2)
     out = {}
     for name, mesh in (("single", single_device_mesh()), ("sharded", mesh_of(*shape))):
         state, shardings = create_train_state(model, tx, mesh, seed=0)
-        step = make_reward_step(model, tx, schedule, mesh, shardings, grad_accum=2, pairs=16)
+        step = make_step(model, tx, schedule, PairwiseReward(model), mesh=mesh, state_shardings=shardings, units=16, grad_accum=2)
         for _ in range(2):
             state, metrics = step(state, batch)
         out[name] = (jax.device_get(metrics), jax.device_get(state.params))

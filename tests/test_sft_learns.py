@@ -5,7 +5,7 @@ import os
 
 from jaxpost.config import DataConfig, MeshConfig, OptimConfig, TrainConfig
 from jaxpost.recipes import sft
-from jaxpost.recipes.common import EvalConfig
+from jaxpost.config import EvalConfig
 from jaxpost.train.loop import read_metrics
 from tests.helpers import tiny_config
 

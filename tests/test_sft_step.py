@@ -9,7 +9,9 @@ import pytest
 from jaxpost.config import OptimConfig
 from jaxpost.models import LM
 from jaxpost.train.optim import make_optimizer
-from jaxpost.train.sft import make_sft_step, sft_loss_sums, sft_step_fn, split_microbatches
+from jaxpost.batch import split_microbatches
+from jaxpost.train.sft import SFT, sft_loss_sums
+from jaxpost.train.step import make_step, step_fn
 from jaxpost.train.state import TrainState, create_train_state
 from tests.helpers import cached_lm, max_abs_diff, mesh_of, random_batch, sft_single_and_sharded, tiny_config
 
@@ -46,7 +48,7 @@ def test_loss_and_gradient_do_not_depend_on_the_micro_batch_split():
     batch["loss_mask"][:2] = 0.0  # very uneven token counts per micro-batch: a mean of means would differ
     batch["loss_mask"][2, :] = batch["segment_ids"][2] > 0
     tx, state = _sgd_state(params)
-    step = jax.jit(sft_step_fn(lm, tx, optax.constant_schedule(1.0)))
+    step = jax.jit(step_fn(lm, tx, optax.constant_schedule(1.0), SFT(lm)))
     results = [step(state, split_microbatches(batch, a)) for a in (1, 8)]
     for s, m in results[1:]:
         np.testing.assert_allclose(float(m["loss"]), float(results[0][1]["loss"]), rtol=1e-6)
@@ -80,7 +82,7 @@ def test_step_counter_and_schedule_do_not_recompile():
     tx, schedule = make_optimizer(OptimConfig(warmup_steps=2), 10)
     mesh = mesh_of(2, 2, 2)
     state, shardings = create_train_state(lm, tx, mesh, seed=0)
-    step = make_sft_step(lm, tx, schedule, mesh, shardings, grad_accum=1, rows=8)
+    step = make_step(lm, tx, schedule, SFT(lm), mesh=mesh, state_shardings=shardings, units=8, grad_accum=1)
     batch = split_microbatches(random_batch(np.random.default_rng(3), 8, 16, V), 1)
     lrs = []
     for _ in range(3):

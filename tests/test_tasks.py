@@ -6,7 +6,7 @@ import grain
 import pytest
 
 from jaxpost.data import TASKS, ArithmeticTask, Task, make_task
-from jaxpost.tokenizer import train_tokenizer
+from jaxpost.tokenizers import train_tokenizer
 
 _PROMPT_RE = re.compile(r"^What is (\d+) ([-+*]) (\d+)\?$")
 

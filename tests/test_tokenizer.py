@@ -1,4 +1,4 @@
-"""Tests for jaxpost.tokenizer: in-memory training, save/load, specials, and chat formatting with loss masks."""
+"""Tests for jaxpost.tokenizers: in-memory training, save/load, specials, and chat formatting with loss masks."""
 
 import io
 import pickle
@@ -8,7 +8,7 @@ import time
 import pytest
 import sentencepiece as spm
 
-from jaxpost.tokenizer import (
+from jaxpost.tokenizers import (
     BOS_ID,
     CHAT_SYMBOLS,
     END_MARKER,

@@ -34,7 +34,9 @@ def run_case(reference: str, preset: str, vocab: int, pairs: int, seq_len: int, 
     from jaxpost.config import MeshConfig, ModelConfig
     from jaxpost.models import LM
     from jaxpost.sharding import make_mesh
-    from jaxpost.train.dpo import make_preference_step, split_preference_microbatches
+    from jaxpost.batch import split_microbatches
+    from jaxpost.train.dpo import Preference
+    from jaxpost.train.step import make_step
     from jaxpost.train.state import create_train_state
 
     rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
@@ -54,9 +56,8 @@ def run_case(reference: str, preset: str, vocab: int, pairs: int, seq_len: int, 
                  pair_mask=np.ones(pairs, np.float32))
     if reference == "precomputed":
         batch["ref_logps"] = rng.normal(-100.0, 5.0, R).astype(np.float32)
-    batch = split_preference_microbatches(batch, 1)
-    step = make_preference_step(lm, tx, optax.constant_schedule(1e-5), mesh, shardings, grad_accum=1, pairs=pairs,
-                                loss="sigmoid", loss_kwargs={"beta": 0.1}, reference=reference)
+    batch = split_microbatches(batch, 1)
+    step = make_step(lm, tx, optax.constant_schedule(1e-5), Preference(lm, loss="sigmoid", loss_kwargs={"beta": 0.1}, reference=reference), mesh=mesh, state_shardings=shardings, units=pairs, grad_accum=1)
     batch = {k: jax.device_put(v, step.batch_shardings[k]) for k, v in batch.items()}
     with jax.set_mesh(mesh):
         compiled = step.jitted.lower(state, ref_params, batch).compile()

@@ -44,7 +44,9 @@ def bench_steps(cfg, batch: int, seq_len: int, warmup: int, reps: int, rank: int
     from jaxpost.models.lora import LoRAConfig
     from jaxpost.sharding import make_mesh
     from jaxpost.train.optim import make_optimizer
-    from jaxpost.train.sft import make_sft_step, split_microbatches
+    from jaxpost.batch import split_microbatches
+    from jaxpost.train.sft import SFT
+    from jaxpost.train.step import make_step
     from jaxpost.train.state import create_train_state, trainable_of
 
     mesh = make_mesh(MeshConfig(data=1, fsdp=1, tensor=1), jax.devices()[:1])
@@ -59,7 +61,7 @@ def bench_steps(cfg, batch: int, seq_len: int, warmup: int, reps: int, rank: int
         tx, schedule = make_optimizer(OptimConfig(warmup_steps=0), 1000,
                                       logical_axes=trainable_of(lm, lm.logical_axes))
         state, shardings = create_train_state(lm, tx, mesh, seed=0)
-        step = make_sft_step(lm, tx, schedule, mesh, shardings, grad_accum=1, rows=batch)
+        step = make_step(lm, tx, schedule, SFT(lm), mesh=mesh, state_shardings=shardings, units=batch, grad_accum=1)
         batch_dev = {k: jax.device_put(v, step.batch_shardings[k]) for k, v in split_microbatches(host, 1).items()}
         with jax.set_mesh(mesh):
             mem = step.jitted.lower(state, batch_dev).compile().memory_analysis()

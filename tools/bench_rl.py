@@ -51,10 +51,13 @@ def main(argv=None) -> None:
     from jaxpost.models import LM
     from jaxpost.rollout.rewards import RewardSet, task_reward
     from jaxpost.sharding import make_mesh
-    from jaxpost.tokenizer import train_tokenizer
-    from jaxpost.train.rl import AdvantageConfig, PolicyModel, RLLossConfig
-    from jaxpost.train.rl_loop import RLTrainer, RolloutConfig
-    from jaxpost.train.sft import make_sft_step, split_microbatches
+    from jaxpost.tokenizers import train_tokenizer
+    from jaxpost.batch import split_microbatches
+    from jaxpost.config import AdvantageConfig, RLLossConfig, RolloutConfig
+    from jaxpost.train.rl import PolicyModel
+    from jaxpost.train.rl_loop import RLTrainer
+    from jaxpost.train.sft import SFT
+    from jaxpost.train.step import make_step
     from jaxpost.train.state import TrainState, abstract_train_state, state_shardings
 
     if args.quick:
@@ -90,35 +93,34 @@ def main(argv=None) -> None:
     prompts = build_prompt_iterator(task.source("train"), tokenizer, batch_size=args.prompts, max_prompt_len=24)
     log(f"{cfg.name}: {lm.n_params / 1e6:.1f}M params; {args.prompts} prompts x {args.group_size} samples x "
         f"{args.max_new_tokens} new tokens; warm-up iteration (compiles)")
-    state, _ = trainer.iteration(state, next(prompts))
+    state, _ = trainer.iteration(state, prompts)
     stages = ("rollout_time_s", "reward_time_s", "score_time_s", "update_time_s")
     runs = []
     for i in range(args.reps):
         t0 = time.perf_counter()
-        state, m = trainer.iteration(state, next(prompts))
+        state, m = trainer.iteration(state, prompts)
         m["iteration_time_s"] = time.perf_counter() - t0
         runs.append(m)
         log(f"iteration {i + 1}: " + " ".join(f"{k}={m[k]:.3f}" for k in stages + ("iteration_time_s",)))
 
     # the sampler's log-probs as the old policy's: the scoring pass runs the reference only
     sampler_trainer = make_trainer(dataclasses.replace(ro, old_logp="sampler"))
-    state, _ = sampler_trainer.iteration(state, next(prompts))
+    state, _ = sampler_trainer.iteration(state, prompts)
     score_sampler = []
     for _ in range(args.reps):
-        state, m = sampler_trainer.iteration(state, next(prompts))
+        state, m = sampler_trainer.iteration(state, prompts)
         score_sampler.append(m["score_time_s"])
     log("old_logp=sampler: score_time_s=" + " ".join(f"{t:.3f}" for t in score_sampler))
 
-    # baseline: an SFT step (forward + backward + AdamW) on the same rows
-    batch = {k: v for k, v in trainer.last_batch.items() if k in ("inputs", "targets", "loss_mask", "segment_ids",
-                                                                 "positions")}
+    # baseline: an SFT step (forward + backward + AdamW) on rows of one rollout
+    batch = trainer.score(state.params, trainer.sample(state, prompts))
     sft_state_sh = state_shardings(abstract_train_state(lm, tx), lm.param_shardings(mesh), tx, mesh)
     sft_state = jax.jit(lambda p: TrainState(step=jax.numpy.zeros((), jax.numpy.int32), params=p,
                                              opt_state=tx.init(p), rng=jax.random.PRNGKey(0)),
                         out_shardings=sft_state_sh)(ref)
-    sft_step = make_sft_step(lm, tx, optax.constant_schedule(1e-5), mesh, sft_state_sh, grad_accum=1,
-                             rows=ro.rows)
-    sb = {k: jax.device_put(v, sft_step.batch_shardings[k]) for k, v in split_microbatches(batch, 1).items()}
+    sft_step = make_step(lm, tx, optax.constant_schedule(1e-5), SFT(lm), mesh=mesh, state_shardings=sft_state_sh, units=ro.rows, grad_accum=1)
+    sb = {k: jax.device_put(v, sft_step.batch_shardings[k])
+          for k, v in split_microbatches(batch, 1, keys=sft_step.batch_shardings).items()}
     sft_state, m = sft_step(sft_state, sb)
     jax.block_until_ready(m)
     times = []

@@ -83,7 +83,9 @@ def run_case(case: Case, warmup: int, steps: int, matmul_n: int) -> dict:
     from jaxpost.models import LM
     from jaxpost.sharding import make_mesh
     from jaxpost.train.optim import make_optimizer
-    from jaxpost.train.sft import make_sft_step, split_microbatches
+    from jaxpost.batch import split_microbatches
+    from jaxpost.train.sft import SFT
+    from jaxpost.train.step import make_step
     from jaxpost.train.state import create_train_state
 
     cfg = ModelConfig.preset(case.preset, vocab_size=case.vocab_size)
@@ -93,7 +95,7 @@ def run_case(case: Case, warmup: int, steps: int, matmul_n: int) -> dict:
     lm = LM(cfg)
     tx, schedule = make_optimizer(OptimConfig(), total_steps=1000)
     state, shardings = create_train_state(lm, tx, mesh, seed=0)
-    step = make_sft_step(lm, tx, schedule, mesh, shardings, grad_accum=1, rows=B, logprobs_impl=case.logprobs_impl)
+    step = make_step(lm, tx, schedule, SFT(lm, logprobs_impl=case.logprobs_impl), mesh=mesh, state_shardings=shardings, units=B, grad_accum=1)
     rng = np.random.default_rng(0)
     batch = {"inputs": rng.integers(0, cfg.vocab_size, (B, T), dtype=np.int32),
              "targets": rng.integers(0, cfg.vocab_size, (B, T), dtype=np.int32),

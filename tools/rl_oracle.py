@@ -65,11 +65,13 @@ def main(argv=None) -> None:
     from jaxpost.data import build_sft_iterator, make_task
     from jaxpost.models import LM
     from jaxpost.recipes.common import device_put_batch, task_accuracy
-    from jaxpost.recipes.dpo import load_start_params, sft_start
+    from jaxpost.recipes.common import load_start_params, sft_start
     from jaxpost.sharding import make_mesh
-    from jaxpost.tokenizer import load_tokenizer
+    from jaxpost.tokenizers import load_tokenizer
     from jaxpost.train.optim import make_optimizer
-    from jaxpost.train.sft import make_sft_step, split_microbatches
+    from jaxpost.batch import split_microbatches
+    from jaxpost.train.sft import SFT
+    from jaxpost.train.step import make_step
     from jaxpost.train.state import abstract_train_state, new_train_state, state_shardings
 
     rl_cfg = grpo_arith.CONFIG
@@ -80,7 +82,7 @@ def main(argv=None) -> None:
         iteration_s = measured_iteration_time(args.rl_workdir)
         updates = int(args.budget_s // iteration_s)
         log(f"{args.rl_workdir}: {iteration_s:.2f} s per iteration -> {updates} updates in {args.budget_s:.0f} s")
-    sft_cfg, sft_dir = sft_start("", args.init_from, None)
+    sft_cfg, sft_dir = sft_start("", args.init_from, rl_cfg.sft, None)
     task = make_task(sft_cfg.task.name, **sft_cfg.task.kwargs())
     tokenizer = load_tokenizer(sft_dir)
     mesh = make_mesh(MeshConfig())
@@ -106,7 +108,7 @@ def main(argv=None) -> None:
         batches = build_sft_iterator(task.source("train"), tokenizer, seq_len=rl_cfg.rollout.seq_len,
                                      batch_size=prompts, packing=False, overlong="error", on_empty="error",
                                      shuffle=True, seed=args.seed)
-        step = make_sft_step(lm, tx, schedule, mesh, shardings, grad_accum=1, rows=prompts)
+        step = make_step(lm, tx, schedule, SFT(lm), mesh=mesh, state_shardings=shardings, units=prompts, grad_accum=1)
         curve, t0 = [(0, start)], time.perf_counter()
         for i in range(1, updates + 1):
             state, metrics = step(state, device_put_batch(split_microbatches(next(batches), 1), step.batch_shardings))

@@ -35,8 +35,9 @@ import grain
 import jax
 import numpy as np
 
+from jaxpost.batch import ROW_KEYS
 from jaxpost.data.sources import DataError, normalize_record
-from jaxpost.tokenizer import ChatTokenizer, Tokenizer
+from jaxpost.tokenizers import ChatTokenizer, Tokenizer
 
 __all__ = ["STATS_KEYS", "SFTIterator", "build_prompt_batches", "build_sft_iterator"]
 
@@ -50,7 +51,6 @@ STATS_KEYS: tuple[str, ...] = (
 )
 _OVERLONG_POLICIES = ("truncate", "drop", "error")
 _EMPTY_POLICIES = ("drop", "keep", "error")
-_BATCH_KEYS = ("inputs", "targets", "loss_mask", "segment_ids", "positions")
 _STATE_VERSION = 1
 
 # Tags set by `_TokenizeExample` and consumed by `_FilterAndCountIterator`.
@@ -220,7 +220,7 @@ class _PadBatch:
         if missing == 0:
             return batch
         filler = _empty_rows(missing, self._seq_len, self._pad_id)
-        return {k: np.concatenate([batch[k], filler[k]], axis=0) for k in _BATCH_KEYS}
+        return {k: np.concatenate([batch[k], filler[k]], axis=0) for k in ROW_KEYS}
 
 
 def _empty_rows(rows: int, seq_len: int, pad_id: int) -> dict[str, np.ndarray]:

@@ -63,7 +63,7 @@ from jaxpost.data.pipeline import (_KEEP, _KEEP_TRUNCATED, SFTIterator, _check_b
                                    _empty_rows)
 from jaxpost.data.sources import DataError, FunctionSource, _json_type_name, read_jsonl
 from jaxpost.data.tasks import DEFAULT_SOURCE_LENGTH, Task
-from jaxpost.tokenizer import ChatTokenizer, Tokenizer, validate_messages
+from jaxpost.tokenizers import ChatTokenizer, Tokenizer, validate_messages
 
 __all__ = [
     "NEAR_MISS_KINDS",

@@ -25,7 +25,7 @@ import grain
 import numpy as np
 
 from jaxpost.data.sources import DataError
-from jaxpost.tokenizer import Tokenizer, validate_messages
+from jaxpost.tokenizers import Tokenizer, validate_messages
 
 __all__ = ["Prompt", "PromptIterator", "build_prompt_iterator", "prompt_messages"]
 

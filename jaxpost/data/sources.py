@@ -17,7 +17,7 @@ import os
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from jaxpost.tokenizer import validate_messages
+from jaxpost.tokenizers import validate_messages
 
 __all__ = ["DataError", "FunctionSource", "ListSource", "normalize_record", "read_jsonl"]
 

@@ -41,13 +41,14 @@ Conventions and where TRL and verl differ:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float
 
-from jaxpost.losses.preference import _f32, _lookup
+from jaxpost.losses.preference import _f32
+from jaxpost.losses.registry import Registry
 
 RowMask = Bool[Array, "B"] | Float[Array, "B"] | None
 
@@ -259,13 +260,14 @@ def gae(token_rewards_BT: Float[Array, "B T"], mask_BT: Float[Array, "B T"], *, 
     return jax.lax.stop_gradient(adv_BT), jax.lax.stop_gradient(ret_BT)
 
 
-ADVANTAGE_ESTIMATORS: Mapping[str, Callable] = {
+ADVANTAGE_ESTIMATORS = Registry("advantage estimator", {
     "grpo": grpo,
     "dr_grpo": dr_grpo,
     "rloo": rloo,
     "reinforce_pp": reinforce_pp,
     "gae": gae,
-}
+}, hparams={"grpo": {"scale": "grpo_scale", "eps": "grpo_eps"}, "dr_grpo": (), "rloo": (),
+                 "reinforce_pp": ("gamma",), "gae": ("gamma", "lam")})
 """Name -> estimator. Sequence level: ``f(rewards_B, *, group_size, mask_B=None, **hyper) -> [B]``; token level:
 ``f(token_rewards_BT, mask_BT, **hyper) -> ([B, T], [B, T])`` (gae also needs ``values_BT=``)."""
 
@@ -278,7 +280,7 @@ TOKEN_LEVEL_ESTIMATORS = frozenset({"reinforce_pp", "gae"})
 
 def get_advantage_estimator(name: str) -> Callable:
     """The advantage estimator registered under ``name`` (grpo, dr_grpo, rloo, reinforce_pp, gae)."""
-    return _lookup(ADVANTAGE_ESTIMATORS, name, "advantage estimator")
+    return ADVANTAGE_ESTIMATORS.get(name)
 
 
 # ----------------------------------------------------------------------------------------------------------------------

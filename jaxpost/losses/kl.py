@@ -35,13 +35,14 @@ log r to [-20, 20] and k3 to [-10, 10], here ``max_log_ratio`` optionally clamps
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float
 
-from jaxpost.losses.preference import _f32, _lookup
+from jaxpost.losses.preference import _f32
+from jaxpost.losses.registry import Registry
 
 Mask = Float[Array, "B T"]
 
@@ -75,13 +76,13 @@ def k3(logp_BT: Float[Array, "B T"], ref_logp_BT: Float[Array, "B T"], mask_BT: 
     return jnp.expm1(log_r_BT) - log_r_BT
 
 
-KL_ESTIMATORS: Mapping[str, Callable[..., Float[Array, "B T"]]] = {"k1": k1, "k2": k2, "k3": k3}
+KL_ESTIMATORS = Registry("KL estimator", {"k1": k1, "k2": k2, "k3": k3})
 """Name -> per-token estimator. Uniform call: ``f(logp_BT, ref_logp_BT, mask_BT=None, *, max_log_ratio=None)``."""
 
 
 def get_kl_estimator(name: str) -> Callable[..., Float[Array, "B T"]]:
     """The per-token KL estimator registered under ``name`` (k1, k2, k3)."""
-    return _lookup(KL_ESTIMATORS, name, "KL estimator")
+    return KL_ESTIMATORS.get(name)
 
 
 def kl_loss(logp_BT: Float[Array, "B T"], ref_logp_BT: Float[Array, "B T"], mask_BT: Mask, *, beta: float,

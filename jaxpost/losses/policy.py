@@ -43,14 +43,15 @@ and the PPO critic ``aggregate_loss(value_loss(...)[0], mask_BT, ...)``.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from numbers import Real
 
 import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float
 
-from jaxpost.losses.preference import _check, _f32, _lookup
+from jaxpost.losses.preference import _check, _f32
+from jaxpost.losses.registry import Registry
 
 Metrics = dict[str, tuple[Array, Array]]
 PolicyLossOutput = tuple[Float[Array, "B T"], Metrics]
@@ -245,19 +246,19 @@ def reinforce(logp_BT: Float[Array, "B T"], old_logp_BT: Float[Array, "B T"], ad
     return loss_BT, _ratio_metrics(_log_ratio(logp_BT, old_logp_BT, m_BT), m_BT)
 
 
-POLICY_LOSSES: Mapping[str, Callable[..., PolicyLossOutput]] = {
+POLICY_LOSSES = Registry("policy loss", {
     "ppo": ppo_clip,
     "gspo": gspo,
     "gspo_seq": gspo_seq,
     "reinforce": reinforce,
-}
+})
 """Name -> per-token policy loss. Uniform call: ``f(logp_BT, old_logp_BT, advantages, mask_BT, **hyper)``;
 hyperparameters: ppo ``eps_low, eps_high, dual_clip``; gspo, gspo_seq ``eps_low, eps_high``; reinforce none."""
 
 
 def get_policy_loss(name: str) -> Callable[..., PolicyLossOutput]:
     """The policy loss registered under ``name`` (ppo, gspo, gspo_seq, reinforce)."""
-    return _lookup(POLICY_LOSSES, name, "policy loss")
+    return POLICY_LOSSES.get(name)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -334,18 +335,18 @@ def seq_mean_token_sum_norm(loss_BT: Float[Array, "B T"], mask_BT: Float[Array, 
     return jnp.sum(jnp.where(m_BT > 0, _f32(loss_BT), 0.0)), n_seq * float(max_length)
 
 
-LOSS_AGGREGATIONS: Mapping[str, Callable[..., tuple[Array, Array]]] = {
+LOSS_AGGREGATIONS = Registry("loss aggregation", {
     "token_mean": token_mean,
     "seq_mean_token_mean": seq_mean_token_mean,
     "seq_mean_token_sum_norm": seq_mean_token_sum_norm,
-}
+})
 """Name -> ``f(loss_BT, mask_BT, *, max_length=None) -> (numerator, denominator)``; both are sums over rows, so they
 add over micro-batches and psum over devices. The denominator depends on the mask (and max_length) only."""
 
 
 def get_loss_aggregation(name: str) -> Callable[..., tuple[Array, Array]]:
     """The loss aggregation registered under ``name`` (token_mean, seq_mean_token_mean, seq_mean_token_sum_norm)."""
-    return _lookup(LOSS_AGGREGATIONS, name, "loss aggregation")
+    return LOSS_AGGREGATIONS.get(name)
 
 
 def loss_denominator(mask_BT: Float[Array, "B T"], *, mode: str, max_length: int | None = None) -> Float[Array, ""]:

@@ -29,13 +29,15 @@ before), ``cpo_trainer.py`` (SimPO), ``orpo_trainer.py``, ``kto_trainer.py``.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from numbers import Real
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float
+
+from jaxpost.losses.registry import Registry
 
 Metrics = dict[str, Array]
 LossOutput = tuple[Float[Array, "B"], Metrics]
@@ -412,7 +414,10 @@ def dpo_discopop(chosen_logps_B: Float[Array, "B"], rejected_logps_B: Float[Arra
     return _finish(loss_B, beta, c_B, r_B, s_c_B, s_r_B, chosen_tokens_B, sft_weight, sft_denominator)
 
 
-DPO_LOSSES: Mapping[str, Callable[..., LossOutput]] = {
+#: Keyword arguments of the pairwise losses that are data, not hyperparameters.
+_PREFERENCE_DATA = ("sft_denominator",)
+
+DPO_LOSSES = Registry("DPO loss", {
     "sigmoid": dpo_sigmoid,
     "hinge": dpo_hinge,
     "ipo": dpo_ipo,
@@ -428,7 +433,7 @@ DPO_LOSSES: Mapping[str, Callable[..., LossOutput]] = {
     "apo_down": dpo_apo_down,
     "discopop": dpo_discopop,
     "sigmoid_norm": dpo_sigmoid_norm,
-}
+}, data=_PREFERENCE_DATA)
 """TRL ``DPOConfig.loss_type`` -> loss. Uniform call: ``f(pi_c, pi_r, ref_c, ref_r, chosen_tokens_B=...,
 rejected_tokens_B=..., **hyperparameters)``. TRL's ``"sft"`` loss type is the ``sft_weight`` argument of each."""
 
@@ -436,16 +441,9 @@ BATCH_LEVEL_DPO_LOSSES = frozenset({"aot", "aot_unpaired", "aot_pair"})
 """Losses whose per-entry values depend on the whole batch (sorting): not invariant to micro-batch splits."""
 
 
-def _lookup(table: Mapping[str, Callable], name: str, what: str) -> Callable:
-    try:
-        return table[name]
-    except KeyError:
-        raise ValueError(f"unknown {what} {name!r}; choose one of {sorted(table)}") from None
-
-
 def get_dpo_loss(name: str) -> Callable[..., LossOutput]:
     """The DPO-family loss registered under TRL's ``loss_type`` name."""
-    return _lookup(DPO_LOSSES, name, "DPO loss")
+    return DPO_LOSSES.get(name)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -502,12 +500,12 @@ def orpo(chosen_logps_B: Float[Array, "B"], rejected_logps_B: Float[Array, "B"],
     return loss_B, metrics
 
 
-REFERENCE_FREE_LOSSES: Mapping[str, Callable[..., LossOutput]] = {"simpo": simpo, "orpo": orpo}
+REFERENCE_FREE_LOSSES = Registry("reference-free loss", {"simpo": simpo, "orpo": orpo}, data=_PREFERENCE_DATA)
 """Uniform call: ``f(pi_c, pi_r, chosen_tokens_B=..., rejected_tokens_B=..., **hyperparameters)``."""
 
 
 def get_reference_free_loss(name: str) -> Callable[..., LossOutput]:
-    return _lookup(REFERENCE_FREE_LOSSES, name, "reference-free loss")
+    return REFERENCE_FREE_LOSSES.get(name)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -585,9 +583,9 @@ def _unpaired_metrics(rewards_B: Array, d_B: Array, logps_B: Array, **scalars: A
     return jax.tree.map(jax.lax.stop_gradient, metrics)
 
 
-UNPAIRED_LOSSES: Mapping[str, Callable[..., LossOutput]] = {"kto": kto, "apo_zero_unpaired": apo_zero_unpaired}
+UNPAIRED_LOSSES = Registry("unpaired loss", {"kto": kto, "apo_zero_unpaired": apo_zero_unpaired}, data=("kl",))
 """TRL ``KTOConfig.loss_type`` -> loss. Uniform call: ``f(pi, ref, desirable_B, kl=..., **hyperparameters)``."""
 
 
 def get_unpaired_loss(name: str) -> Callable[..., LossOutput]:
-    return _lookup(UNPAIRED_LOSSES, name, "unpaired loss")
+    return UNPAIRED_LOSSES.get(name)

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 
 import jax
 from jaxtyping import Array, Float
 
-from jaxpost.losses.preference import LossOutput, _f32, _lookup
+from jaxpost.losses.preference import LossOutput, _f32
+from jaxpost.losses.registry import Registry
 
 
 def bradley_terry(rewards_chosen_B: Float[Array, "B"], rewards_rejected_B: Float[Array, "B"], *,
@@ -38,11 +39,11 @@ def bradley_terry(rewards_chosen_B: Float[Array, "B"], rewards_rejected_B: Float
     return loss_B, jax.tree.map(jax.lax.stop_gradient, metrics)
 
 
-REWARD_LOSSES: Mapping[str, Callable[..., LossOutput]] = {"bradley_terry": bradley_terry}
+REWARD_LOSSES = Registry("reward loss", {"bradley_terry": bradley_terry})
 """Uniform call: ``f(rewards_chosen_B, rewards_rejected_B, **hyperparameters)``."""
 
 
 def get_reward_loss(name: str) -> Callable[..., LossOutput]:
-    return _lookup(REWARD_LOSSES, name, "reward loss")
+    return REWARD_LOSSES.get(name)
 
 

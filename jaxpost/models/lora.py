@@ -25,44 +25,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-#: Projections that can carry an adapter: attention q, k, v, o and the SwiGLU gate, up, down.
-LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
+from jaxpost.config import LORA_TARGETS, LoRAConfig  # noqa: F401  (LORA_TARGETS: the projections that can carry one)
+
 _ATTN_TARGETS = ("q", "k", "v", "o")
 
 #: Suffixes of adapter leaves in a params tree.
 LORA_SUFFIXES = ("_lora_a", "_lora_b")
-
-
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class LoRAConfig:
-    """Adapters of rank `rank` (0 disables LoRA) with scale alpha / rank on the projections in `targets`; `dropout` is
-    applied to the adapter's input during training steps (not to the frozen path, not in sampling or scoring)."""
-
-    rank: int = 0
-    alpha: float = 16.0
-    dropout: float = 0.0
-    targets: tuple[str, ...] = LORA_TARGETS
-    rslora: bool = False
-
-    def __post_init__(self):
-        if not isinstance(self.rank, int) or self.rank < 0:
-            raise ValueError(f"LoRAConfig.rank must be an int >= 0 (0 disables LoRA), got {self.rank!r}")
-        if self.alpha <= 0:
-            raise ValueError(f"LoRAConfig.alpha must be > 0, got {self.alpha!r}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"LoRAConfig.dropout must be in [0, 1), got {self.dropout!r}")
-        object.__setattr__(self, "targets", tuple(self.targets))
-        unknown = [t for t in self.targets if t not in LORA_TARGETS]
-        if unknown or not self.targets or len(set(self.targets)) != len(self.targets):
-            raise ValueError(f"LoRAConfig.targets must be distinct names from {LORA_TARGETS}, got {self.targets!r}")
-
-    @property
-    def enabled(self) -> bool:
-        return self.rank > 0
-
-    @property
-    def scale(self) -> float:
-        return self.alpha / (self.rank ** 0.5 if self.rslora else self.rank)
 
 
 def is_adapter_key(key: str) -> bool:

@@ -3,7 +3,7 @@
 Layout of a params directory:
 
     model_config.json   the `ModelConfig` (`dataclasses.asdict`)
-    checkpoints/0/      a `jaxpost.train.checkpoint.Checkpointer` checkpoint whose state is {"params": params}, so
+    checkpoints/0/      a `jaxpost.checkpoint.Checkpointer` checkpoint whose state is {"params": params}, so
                         `Checkpointer.restore_params` (and the recipes' `load_params(lm, mesh, directory)`) read it
     hf_config.json      the source Hugging Face `config.json`, when the params came from one
 
@@ -31,7 +31,7 @@ def save_orbax_params(params: dict, cfg: ModelConfig, directory: str | os.PathLi
                       hf_config: dict | None = None) -> None:
     """Writes `params` (decoder params of `cfg`, any sharding) and their config into `directory`. Every process must
     call it (Orbax writes from all of them); the JSON files are written by process 0."""
-    from jaxpost.train.checkpoint import Checkpointer
+    from jaxpost.checkpoint import Checkpointer
 
     directory = os.fspath(directory)
     ckpt = Checkpointer(os.path.join(directory, CHECKPOINTS), keep=1, async_save=False)
@@ -53,7 +53,7 @@ def save_orbax_params(params: dict, cfg: ModelConfig, directory: str | os.PathLi
 def load_orbax_params(directory: str | os.PathLike, mesh=None) -> tuple[Pretrained, ModelConfig]:
     """(model, config) from a directory written by `save_orbax_params`: the params restored directly in their
     sharded layout on `mesh` (without, on the first device); the model carries `hf_config.json` when there is one."""
-    from jaxpost.train.checkpoint import Checkpointer
+    from jaxpost.checkpoint import Checkpointer
 
     directory = os.fspath(directory)
     path = os.path.join(directory, MODEL_CONFIG)

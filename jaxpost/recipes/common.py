@@ -1,4 +1,14 @@
-"""Pieces every recipe shares: task and eval configs, the tokenizer of a workdir, batch placement, task accuracy."""
+"""What every recipe shares: the run skeleton (`Run`: open the run, restore or start the state, train, finish it),
+the SFT start of the post-training recipes, the tokenizer of a workdir, pretrained starts and task accuracy.
+
+A recipe reads as
+
+    run = Run(cfg, workdir, stop_at=stop_at)               # logging, workdir, config.json, mesh, checkpoints
+    ...                                                     # data, model, optimizer, step
+    state = run.restore_or_init(abstract, shardings, batches, init)  # the latest checkpoint, or init()
+    state = run.train(step_fn, state, batches, to_device=..., evaluate=...)  # None when stopped early
+    return run.finish(results, plots=(...), filename="x.png", title="...")   # results.json, the plot
+"""
 
 from __future__ import annotations
 
@@ -8,47 +18,26 @@ import json
 import logging
 import os
 import sys
+import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxpost.config import ModelConfig
-from jaxpost.data import build_prompt_batches
+from jaxpost.batch import device_put_batch  # noqa: F401  (re-exported for recipes and tools)
+from jaxpost.checkpoint import Checkpointer
+from jaxpost.cli import from_config_dict, to_json_dict, write_config
+from jaxpost.config import EvalConfig, ModelConfig
+from jaxpost.data import build_prompt_batches, make_task
+from jaxpost.models import LM
 from jaxpost.rollout import Sampler, SamplingConfig
-from jaxpost.tokenizer import ChatTokenizer, HFTokenizer, decode_completion, load_tokenizer, train_tokenizer
+from jaxpost.sharding import make_mesh
+from jaxpost.tokenizers import ChatTokenizer, HFTokenizer, decode_completion, load_tokenizer, train_tokenizer
+from jaxpost.train.loop import MetricsLog, train_loop
+from jaxpost.train.plots import plot_metrics
 from jaxpost.train.state import with_shardings
 
 log = logging.getLogger("jaxpost")
-
-
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class TaskConfig:
-    """A built-in verifiable task (`jaxpost.data.tasks`)."""
-
-    name: str = "arithmetic"
-    min_digits: int = 1
-    max_digits: int = 2
-    ops: tuple[str, ...] = ("+", "-")
-    seed: int = 0
-
-    def kwargs(self) -> dict:
-        return {"min_digits": self.min_digits, "max_digits": self.max_digits, "ops": tuple(self.ops),
-                "seed": self.seed}
-
-
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class EvalConfig:
-    """Held-out accuracy of greedy answers on the first `n_examples` problems of the task's test split."""
-
-    n_examples: int = 200
-    batch_size: int = 100
-    max_prompt_len: int = 24
-    max_new_tokens: int = 7
-
-    def __post_init__(self):
-        if self.n_examples < 0 or self.batch_size <= 0 or self.max_prompt_len <= 0 or self.max_new_tokens <= 0:
-            raise ValueError(f"EvalConfig: invalid sizes {self}")
 
 
 def setup_logging() -> None:
@@ -76,7 +65,7 @@ def save_tokenizer(tokenizer: ChatTokenizer, workdir: str) -> None:
 
 def load_or_make_tokenizer(workdir: str, task, *, path: str | None, vocab_size: int) -> ChatTokenizer:
     """The workdir's tokenizer if present (a resumed run keeps its tokenizer); else the one at `path` (a
-    SentencePiece `.model`, a `tokenizer.json` or a checkpoint directory: `jaxpost.tokenizer.load_tokenizer`); else
+    SentencePiece `.model`, a `tokenizer.json` or a checkpoint directory: `jaxpost.tokenizers.load_tokenizer`); else
     one trained on the task's corpus. The result is saved into the workdir."""
     if has_tokenizer(workdir):
         return load_tokenizer(workdir)
@@ -154,12 +143,6 @@ def export_hf(params, cfg: ModelConfig, tokenizer: ChatTokenizer, directory: str
         save_tokenizer(tokenizer, directory)
 
 
-def device_put_batch(batch: dict, shardings: dict) -> dict:
-    """Host arrays of this process -> global jax.Arrays laid out by `shardings` (one code path for one or many
-    processes: each process passes its own slice of the global batch)."""
-    return {k: jax.make_array_from_process_local_data(shardings[k], np.asarray(batch[k])) for k in shardings}
-
-
 @functools.lru_cache(maxsize=8)
 def eval_sampler(lm, mesh, pad_id: int, max_prompt_len: int) -> Sampler:
     """One sampler per (model, mesh, pad id, prompt length), so that repeated evaluations reuse its compiled
@@ -194,27 +177,202 @@ def task_accuracy(lm, params, tokenizer, task, examples, cfg: EvalConfig, mesh, 
     return {"accuracy": correct / total, "n": total, "samples": samples}
 
 
-def restore_or_init(ckpt, abstract_state, shardings, batches, init, *, updates_per_step: int = 1):
-    """(state, start_step, meta): the latest complete checkpoint in `ckpt`, restored onto `shardings` with the data
-    iterator `batches` set to its saved position, or `init()` (a fresh sharded state) at step 0. A loop step that
-    makes several optimizer updates (an RL iteration) passes `updates_per_step`: start_step = state.step / that."""
-    latest = ckpt.latest_step()
-    if latest is None:
-        return init(), 0, {}
-    state, data_state, meta = ckpt.restore(latest, with_shardings(abstract_state, shardings))
-    batches.set_state(data_state)
-    start_step = int(jax.device_get(state.step)) // updates_per_step
-    log.info("resumed from %s at step %d", ckpt.directory, start_step)
-    return state, start_step, meta
+def sample_task_completions(lm, params, tokenizer, task, mesh, *, n_prompts: int, samples_per_prompt: int,
+                            temperature: float, batch: int, eval_cfg: EvalConfig, seed: int):
+    """(the first `n_prompts` train examples of `task`, their `samples_per_prompt` completions sampled from the
+    model at `temperature`, as text): the model's own answers, for on-policy preference or KTO data. Prompts are
+    sampled `batch` at a time, with the eval config's prompt and completion lengths."""
+    examples = task.examples("train", n_prompts)
+    sampler = eval_sampler(lm, mesh, tokenizer.pad_id, eval_cfg.max_prompt_len)
+    sampling = SamplingConfig(max_new_tokens=eval_cfg.max_new_tokens, temperature=temperature,
+                              n_samples=samples_per_prompt, stop_ids=tuple(tokenizer.stop_ids))
+    samples, G = [], samples_per_prompt
+    for i in range(0, len(examples), batch):
+        chunk = examples[i:i + batch]
+        prompts = [tokenizer.encode_chat([{"role": "user", "content": ex["prompt"]}],
+                                         add_generation_prompt=True)[0] for ex in chunk]
+        rollout = sampler.generate(params, prompts, sampling, seed=seed * 100003 + i)
+        texts = [decode_completion(tokenizer, c) for c in rollout.completions()]
+        samples += [texts[j * G:(j + 1) * G] for j in range(len(chunk))]
+    return examples, samples
 
 
-def close_checkpoints(ckpt, state, batches, meta: dict, *, stop_at: int | None, steps: int) -> bool:
-    """Ends a run's checkpointing. Returns True when the run was stopped early at `stop_at` (as a preemption
-    would), after making sure the state at `stop_at` is saved, so a later call continues from there."""
-    stopped = stop_at is not None and stop_at < steps
-    if stopped:
-        ckpt.wait()
-        if ckpt.latest_step() != stop_at:
-            ckpt.save(stop_at, state, data_state=batches.get_state(), meta=meta, force=True)
-    ckpt.close()
-    return stopped
+def sample_accuracy(task, examples, samples) -> float:
+    """The fraction of sampled completions the task's checker accepts."""
+    return float(np.mean([task.check(s, ex["answer"]) for ex, group in zip(examples, samples) for s in group]))
+
+
+def cached_records(path: str, make, *, what: str) -> list[dict]:
+    """JSONL records at `path`, or `make() -> (records, stats)` written there atomically (a killed run finds either
+    the whole file or none)."""
+    if os.path.exists(path):
+        with open(path) as f:
+            return [json.loads(line) for line in f]
+    t0 = time.perf_counter()
+    records, stats = make()
+    with open(path + ".tmp", "w") as f:
+        for r in records:
+            f.write(json.dumps(r) + "\n")
+    os.replace(path + ".tmp", path)
+    log.info("%s: %s (%.0f s)", what, stats, time.perf_counter() - t0)
+    return records
+
+
+# ---- the run skeleton ------------------------------------------------------------------------------------------
+
+
+class Run:
+    """One recipe run in its workdir (module docstring). `cfg` has `mesh` (MeshConfig) and `train` (TrainConfig)
+    fields. Holds the mesh, the Checkpointer, the metrics log (opened once, at the step the run resumes from) and the
+    checkpoint metadata `meta` (saved with every checkpoint: values computed once per run, e.g. accuracy_before)."""
+
+    def __init__(self, cfg, workdir: str, *, stop_at: int | None = None):
+        self.t_start = time.perf_counter()
+        setup_logging()
+        os.makedirs(workdir, exist_ok=True)
+        write_config(cfg, workdir)
+        self.cfg, self.workdir, self.stop_at = cfg, workdir, stop_at
+        self.mesh = make_mesh(cfg.mesh)
+        self.ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=cfg.train.keep_checkpoints,
+                                 async_save=cfg.train.async_checkpoints)
+        self.meta: dict = {}
+        self.start_step = 0
+        self.metrics: MetricsLog | None = None
+        self.batches = None
+        self.train_time_s = 0.0
+
+    def path(self, *parts: str) -> str:
+        return os.path.join(self.workdir, *parts)
+
+    def restore_or_init(self, abstract_state, shardings, batches, init, *, updates_per_step: int = 1):
+        """The latest complete checkpoint, restored onto `shardings` with the data iterator `batches` set to its saved
+        position, or `init()` (a fresh sharded state) at step 0. A loop step that makes several optimizer updates
+        (an RL iteration) passes `updates_per_step`: the loop step is state.step / that. Opens the metrics log."""
+        self.batches = batches
+        latest = self.ckpt.latest_step()
+        if latest is None:
+            state = init()
+        else:
+            state, data_state, self.meta = self.ckpt.restore(latest, with_shardings(abstract_state, shardings))
+            batches.set_state(data_state)
+            self.start_step = int(jax.device_get(state.step)) // updates_per_step
+            log.info("resumed from %s at step %d", self.ckpt.directory, self.start_step)
+        self.meta["config"] = to_json_dict(self.cfg)  # the config of the run that wrote each checkpoint
+        self.metrics = MetricsLog(self.path("metrics.jsonl"), resume_step=self.start_step)
+        return state
+
+    def once(self, key: str, compute):
+        """`meta[key]`, computed by `compute()` the first time this run (not again on resume)."""
+        if key not in self.meta:
+            self.meta[key] = compute()
+            log.info("%s: %s", key, self.meta[key])
+        return self.meta[key]
+
+    def train(self, step_fn, state, batches, *, to_device=lambda b: b, evaluate=None, host_metrics=None,
+              desc: str = "train"):
+        """`train_loop` from the resume step to `cfg.steps` with the run's checkpoints, metrics log and cadence
+        (cfg.train). `evaluate(state) -> dict` of metrics. Returns the final state, or None when the run stopped
+        early at `stop_at` (its state saved, so a later call continues)."""
+        cfg, ckpt = self.cfg, self.ckpt
+
+        def checkpoint(step, state):
+            ckpt.save(step, state, data_state=self.batches.get_state(), meta=self.meta)
+
+        t0 = time.perf_counter()
+        state = train_loop(
+            step_fn=step_fn, state=state, batches=batches, to_device=to_device, start_step=self.start_step,
+            steps=cfg.steps, metrics_log=self.metrics, checkpoint=checkpoint,
+            checkpoint_every=cfg.train.checkpoint_every or cfg.steps,
+            evaluate=None if evaluate is None else (lambda step, st: evaluate(st)), eval_every=cfg.train.eval_every,
+            log_every=cfg.train.log_every, host_metrics=host_metrics, desc=desc, stop_at=self.stop_at)
+        self.train_time_s = time.perf_counter() - t0
+        stopped = self.stop_at is not None and self.stop_at < cfg.steps
+        if stopped:
+            ckpt.wait()
+            if ckpt.latest_step() != self.stop_at:
+                ckpt.save(self.stop_at, state, data_state=self.batches.get_state(), meta=self.meta, force=True)
+        ckpt.close()
+        return None if stopped else state
+
+    def finish(self, results: dict, *, plots: tuple[str, ...] = (), filename: str = "metrics.png",
+               title: str = "") -> dict:
+        """Adds the step counts and wall times to `results`, writes results.json and the plot, logs them."""
+        results = {**results, "steps": self.cfg.steps, "resumed_from_step": self.start_step,
+                   "train_time_s": self.train_time_s, "wall_time_s": time.perf_counter() - self.t_start}
+        with open(self.path("results.json"), "w") as f:
+            json.dump(results, f, indent=2)
+        if plots:
+            plot_metrics(self.workdir, plots, filename=filename, title=title)
+        log.info("results: %s", json.dumps({k: v for k, v in results.items() if k not in ("samples", "data")}))
+        return results
+
+
+def task_evaluator(lm, tokenizer, task, cfg: EvalConfig, mesh, *, params_of=lambda params: params):
+    """`evaluate(params, full=False)`: held-out greedy accuracy on the task's first `cfg.n_examples` test problems
+    (None when n_examples is 0); `full=True` gives `task_accuracy`'s dict with samples. `params_of` picks the
+    decoder params out of a state's params (e.g. an RL state's "policy")."""
+    examples = task.examples("test", cfg.n_examples)
+
+    def evaluate(params, full: bool = False):
+        if not cfg.n_examples:
+            return {"accuracy": None, "samples": []} if full else None
+        out = task_accuracy(lm, params_of(params), tokenizer, task, examples, cfg, mesh)
+        return out if full else out["accuracy"]
+
+    return evaluate
+
+
+# ---- the SFT start of the post-training recipes ---------------------------------------------------------------
+
+
+def sft_start(workdir: str, init_from: str, sft_cfg, train_sft):
+    """(SFT config, SFT workdir): `init_from` (an SFT workdir) with the config it was trained with, or, without it,
+    `train_sft(sft_cfg, workdir/sft)` run first (itself resumable; skipped when its results.json exists)."""
+    if init_from:
+        path = os.path.join(init_from, "config.json")
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"init_from={init_from!r}: no config.json (expected an SFT workdir)")
+        with open(path) as f:
+            saved = json.load(f)
+        saved.pop("class", None)
+        return from_config_dict(type(sft_cfg), saved), init_from
+    sft_dir = os.path.join(workdir, "sft")
+    if not os.path.exists(os.path.join(sft_dir, "results.json")):
+        log.info("no init_from: training the SFT start into %s", sft_dir)
+        train_sft(sft_cfg, sft_dir)
+    return sft_cfg, sft_dir
+
+
+def open_sft_start(workdir: str, init_from: str, sft_cfg, train_sft):
+    """(SFT config, SFT workdir, task, tokenizer) of a post-training run: `sft_start`, its task, and its tokenizer
+    (copied into `workdir`)."""
+    sft_cfg, sft_dir = sft_start(workdir, init_from, sft_cfg, train_sft)
+    task = make_task(sft_cfg.task.name, **sft_cfg.task.kwargs())
+    tokenizer = load_tokenizer(sft_dir)
+    save_tokenizer(tokenizer, workdir)
+    return sft_cfg, sft_dir, task, tokenizer
+
+
+def load_params(model, mesh, workdir: str):
+    """The final params of a workdir (an SFT run's decoder, or any model with `abstract_params` and
+    `param_shardings`, e.g. a reward model's `ScalarHeadLM`), restored directly into their sharded layout."""
+    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), async_save=False)
+    try:
+        step = ckpt.latest_step()
+        if step is None:
+            raise FileNotFoundError(f"{workdir}/checkpoints holds no complete checkpoint")
+        return ckpt.restore_params(step, with_shardings(model.abstract_params, model.param_shardings(mesh)))
+    finally:
+        ckpt.close()
+
+
+def load_start_params(sft_cfg, mesh, sft_dir: str):
+    """The decoder params an SFT workdir ends with, as plain decoder params of `sft_cfg.model`: a LoRA SFT run's
+    adapters are merged into its base."""
+    lora = getattr(sft_cfg, "lora", None)
+    if lora is None or not lora.enabled:
+        return load_params(LM(sft_cfg.model), mesh, sft_dir)
+    lm = LM(sft_cfg.model, lora)
+    params = load_params(lm, mesh, sft_dir)
+    shardings = LM(sft_cfg.model).param_shardings(mesh)
+    return jax.jit(lm.merged, out_shardings=shardings, donate_argnums=0)(params)

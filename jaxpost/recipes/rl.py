@@ -18,33 +18,23 @@ A killed run resumes from its latest checkpoint and continues exactly.
 from __future__ import annotations
 
 import dataclasses
-import json
+import itertools
 import logging
-import os
 import time
 
 import jax
 
-from jaxpost.cli import to_json_dict, write_config
-from jaxpost.config import MeshConfig, OptimConfig, TrainConfig
-from jaxpost.data import make_task
+from jaxpost.config import (AdvantageConfig, EvalConfig, LoRAConfig, MeshConfig, OptimConfig, RLLossConfig,
+                            RolloutConfig, TrainConfig, check_rl)
 from jaxpost.data.prompts import build_prompt_iterator
 from jaxpost.models import LM
 from jaxpost.models.heads import ScalarHeadLM
 from jaxpost.recipes import sft as sft_recipe
-from jaxpost.recipes.common import (EvalConfig, close_checkpoints, restore_or_init, save_tokenizer, setup_logging,
-                                    task_accuracy)
-from jaxpost.recipes.dpo import load_params, load_start_params, sft_start
+from jaxpost.recipes.common import Run, load_params, load_start_params, open_sft_start, task_evaluator
 from jaxpost.rollout.rewards import LearnedReward, RewardSet, digit_match_reward, task_reward
-from jaxpost.sharding import make_mesh
-from jaxpost.models.lora import LoRAConfig
-from jaxpost.tokenizer import load_tokenizer
-from jaxpost.train.checkpoint import Checkpointer
-from jaxpost.train.loop import MetricsLog, train_loop
 from jaxpost.train.optim import make_optimizer
-from jaxpost.train.plots import plot_metrics
-from jaxpost.train.rl import AdvantageConfig, PolicyModel, RLLossConfig
-from jaxpost.train.rl_loop import RLTrainer, RolloutConfig
+from jaxpost.train.rl import PolicyModel
+from jaxpost.train.rl_loop import RLTrainer
 from jaxpost.train.state import abstract_train_state, new_train_state, state_shardings, trainable_of
 
 log = logging.getLogger("jaxpost")
@@ -83,14 +73,7 @@ class RLConfig:
     def __post_init__(self):
         if self.steps <= 0:
             raise ValueError(f"RLConfig.steps must be > 0, got {self.steps}")
-        PolicyModel.check_value_mode(self.value)
-        if self.loss.kl_coef > 0 and not self.reference:
-            raise ValueError("RLConfig: a KL penalty (loss.kl_coef > 0) needs reference=True")
-        if self.advantage.estimator == "gae" and self.value == "none":
-            raise ValueError("RLConfig: the gae estimator needs a value model (value='head' or 'critic')")
-        if self.loss.temperature != self.rollout.temperature:
-            raise ValueError(f"RLConfig: loss.temperature={self.loss.temperature} must equal "
-                             f"rollout.temperature={self.rollout.temperature}")
+        check_rl(value=self.value, advantage=self.advantage, loss=self.loss, reference=self.reference)
 
 
 def load_reward_model(path: str, model_cfg, mesh):
@@ -103,27 +86,19 @@ def load_reward_model(path: str, model_cfg, mesh):
 def run(cfg: RLConfig, workdir: str, *, stop_at: int | None = None) -> dict | None:
     """SFT start (or init_from) -> RL; writes config.json, metrics.jsonl, checkpoints/, rl.png and results.json
     into workdir, resuming whatever exists there. `stop_at` stops after that iteration (as a preemption would)."""
-    t_start = time.perf_counter()
-    setup_logging()
-    os.makedirs(workdir, exist_ok=True)
-    write_config(cfg, workdir)
-    sft_cfg, sft_dir = sft_start(workdir, cfg.init_from, cfg.sft)
+    run = Run(cfg, workdir, stop_at=stop_at)
+    mesh = run.mesh
+    sft_cfg, sft_dir, task, tokenizer = open_sft_start(workdir, cfg.init_from, cfg.sft, sft_recipe.run)
     t_rl = time.perf_counter()
-    task = make_task(sft_cfg.task.name, **sft_cfg.task.kwargs())
-    tokenizer = load_tokenizer(sft_dir)
-    save_tokenizer(tokenizer, workdir)
 
-    mesh = make_mesh(cfg.mesh)
     lm = LM(sft_cfg.model, cfg.lora)
     model = PolicyModel(lm, value=cfg.value)
     start_params = load_start_params(sft_cfg, mesh, sft_dir)
     ro = cfg.rollout
-    total_updates = cfg.steps * ro.updates_per_iteration
-    tx, schedule = make_optimizer(cfg.optim, total_updates, logical_axes=trainable_of(model, model.logical_axes))
+    tx, schedule = make_optimizer(cfg.optim, cfg.steps * ro.updates_per_iteration,
+                                  logical_axes=trainable_of(model, model.logical_axes))
     abstract = abstract_train_state(model, tx)
     shardings = state_shardings(abstract, model.param_shardings(mesh), tx, mesh, model=model)
-    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=cfg.train.keep_checkpoints,
-                        async_save=cfg.train.async_checkpoints)
     prompts = build_prompt_iterator(task.source("train"), tokenizer, batch_size=ro.prompts_per_step,
                                     max_prompt_len=ro.max_prompt_len, seed=cfg.seed)
 
@@ -140,8 +115,7 @@ def run(cfg: RLConfig, workdir: str, *, stop_at: int | None = None) -> dict | No
         return jax.jit(make, out_shardings=shardings, donate_argnums=(0,) if lm.lora is not None else ())(
             policy, key)
 
-    state, start_step, meta = restore_or_init(ckpt, abstract, shardings, prompts, init,
-                                              updates_per_step=ro.updates_per_iteration)
+    state = run.restore_or_init(abstract, shardings, prompts, init, updates_per_step=ro.updates_per_iteration)
     ref_params = start_params if cfg.reference and lm.lora is None else None
     if ref_params is None:
         del start_params
@@ -153,62 +127,30 @@ def run(cfg: RLConfig, workdir: str, *, stop_at: int | None = None) -> dict | No
     learned = None
     if cfg.reward_model:
         rm_model, rm_params = load_reward_model(cfg.reward_model, sft_cfg.model, mesh)
-        learned = LearnedReward(rm_model, rm_params, mesh, rows=ro.rows // ro.minibatches)
+        learned = LearnedReward(rm_model, rm_params, mesh, rows=ro.rows_per_update)
     trainer = RLTrainer(model=model, tx=tx, schedule=schedule, mesh=mesh, state_shardings=shardings,
                         tokenizer=tokenizer, rewards=rewards, rollout=ro, loss=cfg.loss, advantage=cfg.advantage,
                         ref_params=ref_params, base_reference=cfg.reference and lm.lora is not None,
                         learned_reward=learned, learned_reward_weight=cfg.reward_model_weight,
                         accuracy_key="correct", grad_accum=cfg.train.grad_accum, logprobs_impl=cfg.logprobs_impl)
 
-    eval_examples = task.examples("test", cfg.eval.n_examples)
+    evaluate = task_evaluator(lm, tokenizer, task, cfg.eval, mesh, params_of=lambda params: params["policy"])
+    if "accuracy_before" not in run.meta:
+        run.once("accuracy_before", lambda: evaluate(state.params))
+        run.metrics.write({"step": 0, "eval_accuracy": run.meta["accuracy_before"]})
 
-    def evaluate(params, full: bool = False):
-        out = task_accuracy(lm, params["policy"], tokenizer, task, eval_examples, cfg.eval, mesh)
-        return out if full else out["accuracy"]
-
-    meta["config"] = to_json_dict(cfg)
-    if "accuracy_before" not in meta:
-        meta["accuracy_before"] = evaluate(state.params) if cfg.eval.n_examples else None
-        log.info("held-out accuracy of the SFT start: %s", meta["accuracy_before"])
-        MetricsLog(os.path.join(workdir, "metrics.jsonl")).write({"step": 0, "eval_accuracy": meta["accuracy_before"]})
-
-    def checkpoint(step, state):
-        ckpt.save(step, state, data_state=prompts.get_state(), meta=meta)
-
-    t_train = time.perf_counter()
-    state = train_loop(
-        step_fn=lambda st, batch: trainer.iteration(st, batch, more_prompts=lambda: next(prompts)),
-        state=state, batches=prompts, to_device=lambda b: b, start_step=start_step, steps=cfg.steps,
-        metrics_log=MetricsLog(os.path.join(workdir, "metrics.jsonl"), resume_step=start_step),
-        checkpoint=checkpoint, checkpoint_every=cfg.train.checkpoint_every or cfg.steps,
-        evaluate=lambda step, st: {"eval_accuracy": evaluate(st.params)}, eval_every=cfg.train.eval_every,
-        log_every=cfg.train.log_every, host_metrics=lambda: prompts.stats, desc=cfg.advantage.estimator,
-        stop_at=stop_at)
-    train_time = time.perf_counter() - t_train
-    if close_checkpoints(ckpt, state, prompts, meta, stop_at=stop_at, steps=cfg.steps):
+    # Each iteration draws its prompt batches from the prompt source itself (more than one under dynamic sampling).
+    state = run.train(trainer.iteration, state, itertools.repeat(prompts),
+                      evaluate=lambda st: {"eval_accuracy": evaluate(st.params)},
+                      host_metrics=lambda: prompts.stats, desc=cfg.advantage.estimator)
+    if state is None:
         return None
-
-    final = evaluate(state.params, full=True) if cfg.eval.n_examples else {"accuracy": None, "samples": []}
-    MetricsLog(os.path.join(workdir, "metrics.jsonl"), resume_step=cfg.steps).write(
-        {"step": cfg.steps, "eval_accuracy": final["accuracy"]})
-    results = {
-        "accuracy_before": meta["accuracy_before"],
-        "accuracy_after": final["accuracy"],
-        "samples": final["samples"],
-        "estimator": cfg.advantage.estimator,
-        "policy_loss": cfg.loss.policy_loss,
-        "value": cfg.value,
-        "steps": cfg.steps,
-        "resumed_from_step": start_step,
-        "rl_time_s": time.perf_counter() - t_rl,
-        "train_time_s": train_time,
-        "wall_time_s": time.perf_counter() - t_start,
-        "sft_dir": sft_dir,
-    }
-    with open(os.path.join(workdir, "results.json"), "w") as f:
-        json.dump(results, f, indent=2)
-    plot_metrics(workdir, ("reward_mean", "accuracy", "eval_accuracy", "kl_ref_k3", "entropy", "clip_frac",
-                           "response_length", "zero_adv_group_frac"), filename="rl.png",
-                 title=f"{cfg.advantage.estimator} / {cfg.loss.policy_loss} from the SFT start")
-    log.info("results: %s", json.dumps({k: v for k, v in results.items() if k != "samples"}))
-    return results
+    final = evaluate(state.params, full=True)
+    run.metrics.write({"step": cfg.steps, "eval_accuracy": final["accuracy"]})
+    return run.finish({"accuracy_before": run.meta["accuracy_before"], "accuracy_after": final["accuracy"],
+                       "samples": final["samples"], "estimator": cfg.advantage.estimator,
+                       "policy_loss": cfg.loss.policy_loss, "value": cfg.value,
+                       "rl_time_s": time.perf_counter() - t_rl, "sft_dir": sft_dir},
+                      plots=("reward_mean", "accuracy", "eval_accuracy", "kl_ref_k3", "entropy", "clip_frac",
+                             "response_length", "zero_adv_group_frac"), filename="rl.png",
+                      title=f"{cfg.advantage.estimator} / {cfg.loss.policy_loss} from the SFT start")

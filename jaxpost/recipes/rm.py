@@ -11,33 +11,23 @@ comparison, chance 0.5).
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
-import os
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxpost.cli import to_json_dict, write_config
-from jaxpost.config import DataConfig, MeshConfig, OptimConfig, TrainConfig
-from jaxpost.data import make_task
+from jaxpost.batch import device_put_batch, split_microbatches
+from jaxpost.config import DataConfig, EvalConfig, MeshConfig, OptimConfig, TrainConfig
 from jaxpost.data.preference import arithmetic_preference_records, build_preference_iterator
 from jaxpost.models.heads import ScalarHeadLM
 from jaxpost.recipes import sft as sft_recipe
-from jaxpost.recipes.common import (EvalConfig, close_checkpoints, device_put_batch, restore_or_init, save_tokenizer,
-                                    setup_logging)
-from jaxpost.recipes.dpo import PAIR_SOURCES, build_pairs, load_start_params, sft_start
-from jaxpost.sharding import make_mesh
-from jaxpost.tokenizer import load_tokenizer
-from jaxpost.train.checkpoint import Checkpointer
-from jaxpost.train.dpo import split_preference_microbatches
-from jaxpost.train.loop import MetricsLog, train_loop
+from jaxpost.recipes.common import Run, load_start_params, open_sft_start
+from jaxpost.recipes.dpo import PAIR_SOURCES, build_pairs
+from jaxpost.train.rm import PairwiseReward, make_pairwise_eval
 from jaxpost.train.optim import make_optimizer
-from jaxpost.train.plots import plot_metrics
-from jaxpost.train.rm import make_pairwise_eval, make_reward_step
 from jaxpost.train.state import TrainState, abstract_train_state, state_shardings
+from jaxpost.train.step import make_step
 
 log = logging.getLogger("jaxpost")
 
@@ -87,86 +77,56 @@ def pairwise_accuracy(score, params, records, tokenizer, cfg: RMConfig) -> dict:
 
 
 def run(cfg: RMConfig, workdir: str, *, stop_at: int | None = None) -> dict | None:
-    t_start = time.perf_counter()
-    setup_logging()
-    os.makedirs(workdir, exist_ok=True)
-    write_config(cfg, workdir)
-    sft_cfg, sft_dir = sft_start(workdir, cfg.init_from, cfg.sft)
-    task = make_task(sft_cfg.task.name, **sft_cfg.task.kwargs())
-    tokenizer = load_tokenizer(sft_dir)
-    save_tokenizer(tokenizer, workdir)
+    """SFT start (or init_from) -> reward model; writes config.json, metrics.jsonl, checkpoints/, pairs.jsonl,
+    rm.png and results.json into workdir, resuming whatever exists there."""
+    run = Run(cfg, workdir, stop_at=stop_at)
+    mesh = run.mesh
+    sft_cfg, sft_dir, task, tokenizer = open_sft_start(workdir, cfg.init_from, cfg.sft, sft_recipe.run)
 
-    mesh = make_mesh(cfg.mesh)
     model = ScalarHeadLM(sft_cfg.model)
     lm_params = load_start_params(sft_cfg, mesh, sft_dir)
-    records = build_pairs(cfg, model.lm, lm_params, tokenizer, task, mesh, os.path.join(workdir, "pairs.jsonl"))
+    records = build_pairs(cfg, model.lm, lm_params, tokenizer, task, mesh, run.path("pairs.jsonl"))
     eval_records = arithmetic_preference_records(task, "test", cfg.n_eval_pairs, seed=cfg.seed + 1)
 
     tx, schedule = make_optimizer(cfg.optim, cfg.steps, logical_axes=model.logical_axes)
     abstract = abstract_train_state(model, tx)
     shardings = state_shardings(abstract, model.param_shardings(mesh), tx, mesh)
-    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=cfg.train.keep_checkpoints,
-                        async_save=cfg.train.async_checkpoints)
     batches = build_preference_iterator(records, tokenizer, seq_len=cfg.data.seq_len, batch_size=cfg.data.batch_size,
                                         overlong=cfg.data.overlong, shuffle=cfg.data.shuffle, seed=cfg.seed)
+
     def make(lm_params, key):
         params = model.with_lm_params(lm_params, key)
         return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params), rng=key)
 
-    state, start_step, meta = restore_or_init(
-        ckpt, abstract, shardings, batches,
-        lambda: jax.jit(make, out_shardings=shardings)(lm_params, jax.random.PRNGKey(cfg.seed)))
+    state = run.restore_or_init(abstract, shardings, batches,
+                                lambda: jax.jit(make, out_shardings=shardings)(lm_params, jax.random.PRNGKey(cfg.seed)))
     del lm_params
 
     rows = 2 * (cfg.data.batch_size // jax.process_count())
     score = make_pairwise_eval(model, mesh, model.param_shardings(mesh), rows=rows)
-    meta["config"] = to_json_dict(cfg)
-    if "eval_before" not in meta:
-        meta["eval_before"] = pairwise_accuracy(score, state.params, eval_records, tokenizer, cfg)
-        log.info("held-out pairwise accuracy of the zero head: %s", meta["eval_before"])
+    before = run.once("eval_before", lambda: pairwise_accuracy(score, state.params, eval_records, tokenizer, cfg))
 
     loss_kwargs = ({"center_rewards_coefficient": cfg.center_rewards_coefficient}
                    if cfg.center_rewards_coefficient else {})
-    step_fn = make_reward_step(model, tx, schedule, mesh, shardings, grad_accum=cfg.train.grad_accum,
-                               pairs=cfg.data.batch_size, loss_kwargs=loss_kwargs)
+    step_fn = make_step(model, tx, schedule, PairwiseReward(model, loss_kwargs=loss_kwargs), mesh=mesh,
+                        state_shardings=shardings, units=cfg.data.batch_size, grad_accum=cfg.train.grad_accum)
 
     def to_device(batch):
-        return device_put_batch(split_preference_microbatches(batch, cfg.train.grad_accum), step_fn.batch_shardings)
+        return device_put_batch(split_microbatches(batch, cfg.train.grad_accum, keys=step_fn.batch_shardings),
+                                step_fn.batch_shardings)
 
-    def checkpoint(step, state):
-        ckpt.save(step, state, data_state=batches.get_state(), meta=meta)
-
-    def evaluate(step, st):
+    def evaluate(st):
         return {"eval_pairwise_accuracy": pairwise_accuracy(score, st.params, eval_records, tokenizer,
                                                             cfg)["pairwise_accuracy"]}
 
-    t_train = time.perf_counter()
-    state = train_loop(
-        step_fn=step_fn, state=state, batches=batches, to_device=to_device, start_step=start_step, steps=cfg.steps,
-        metrics_log=MetricsLog(os.path.join(workdir, "metrics.jsonl"), resume_step=start_step),
-        checkpoint=checkpoint, checkpoint_every=cfg.train.checkpoint_every or cfg.steps, evaluate=evaluate,
-        eval_every=cfg.train.eval_every, log_every=cfg.train.log_every, host_metrics=lambda: batches.stats,
-        desc="rm", stop_at=stop_at)
-    train_time = time.perf_counter() - t_train
-    if close_checkpoints(ckpt, state, batches, meta, stop_at=stop_at, steps=cfg.steps):
+    state = run.train(step_fn, state, batches, to_device=to_device, evaluate=evaluate,
+                      host_metrics=lambda: batches.stats, desc="rm")
+    if state is None:
         return None
-
     after = pairwise_accuracy(score, state.params, eval_records, tokenizer, cfg)
-    results = {
-        "pairwise_accuracy_before": meta["eval_before"]["pairwise_accuracy"],
-        "pairwise_accuracy_after": after["pairwise_accuracy"],
-        "mean_margin_after": after["mean_margin"],
-        "eval_pairs": after["n"],
-        "train_pairs": len(records),
-        "steps": cfg.steps,
-        "resumed_from_step": start_step,
-        "train_time_s": train_time,
-        "wall_time_s": time.perf_counter() - t_start,
-        "sft_dir": sft_dir,
-    }
-    with open(os.path.join(workdir, "results.json"), "w") as f:
-        json.dump(results, f, indent=2)
-    plot_metrics(workdir, ("loss", "accuracies", "margins", "chosen_rewards", "rejected_rewards",
-                           "eval_pairwise_accuracy"), filename="rm.png", title="Bradley-Terry reward model")
-    log.info("results: %s", json.dumps(results))
-    return results
+    return run.finish({"pairwise_accuracy_before": before["pairwise_accuracy"],
+                       "pairwise_accuracy_after": after["pairwise_accuracy"],
+                       "mean_margin_after": after["mean_margin"], "eval_pairs": after["n"],
+                       "train_pairs": len(records), "sft_dir": sft_dir},
+                      plots=("loss", "accuracies", "margins", "chosen_rewards", "rejected_rewards",
+                             "eval_pairwise_accuracy"), filename="rm.png", title="Bradley-Terry reward model")

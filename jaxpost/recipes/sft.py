@@ -13,30 +13,23 @@ the result (adapters merged) as a Hugging Face directory into `workdir/hf`, and,
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
-import os
-import time
 
 import jax
 
-from jaxpost.cli import to_json_dict, write_config
-from jaxpost.config import DataConfig, MeshConfig, ModelConfig, OptimConfig, TrainConfig
+from jaxpost.config import (DataConfig, EvalConfig, LoRAConfig, MeshConfig, ModelConfig, OptimConfig, TaskConfig,
+                            TrainConfig)
+from jaxpost.batch import device_put_batch, split_microbatches
 from jaxpost.data import build_sft_iterator, make_task, read_jsonl
 from jaxpost.models import LM
-from jaxpost.models.lora import LoRAConfig, save_adapters
-from jaxpost.recipes.common import (EvalConfig, TaskConfig, close_checkpoints, device_put_batch, export_hf,
-                                    load_or_make_tokenizer, load_pretrained, pretrained_config, pretrained_hf_config,
-                                    restore_or_init,
-                                    setup_logging, task_accuracy)
-from jaxpost.sharding import make_mesh
-from jaxpost.train.checkpoint import Checkpointer
-from jaxpost.train.loop import MetricsLog, train_loop
+from jaxpost.models.lora import save_adapters
+from jaxpost.recipes.common import (Run, export_hf, load_or_make_tokenizer, load_pretrained, pretrained_config,
+                                    pretrained_hf_config, task_evaluator)
 from jaxpost.train.optim import make_optimizer
-from jaxpost.train.plots import plot_metrics
-from jaxpost.train.sft import make_sft_step, split_microbatches
+from jaxpost.train.sft import SFT
 from jaxpost.train.state import (abstract_train_state, create_train_state, new_train_state, state_shardings,
                                  trainable_of)
+from jaxpost.train.step import make_step
 
 log = logging.getLogger("jaxpost")
 
@@ -75,12 +68,10 @@ def run(cfg: SFTConfig, workdir: str, *, stop_at: int | None = None) -> dict | N
 
     `stop_at` ends this invocation after that step (and its checkpoint), as a preemption would; calling `run` again
     on the workdir continues the same run. Returns the results, or None when stopped early."""
-    t_start = time.perf_counter()
-    setup_logging()
-    os.makedirs(workdir, exist_ok=True)
     if cfg.init_from:  # the recorded config names the model actually trained (what DPO / RL starts read)
         cfg = dataclasses.replace(cfg, model=pretrained_config(cfg.init_from, cfg.model))
-    write_config(cfg, workdir)
+    run = Run(cfg, workdir, stop_at=stop_at)
+    mesh = run.mesh
 
     task = make_task(cfg.task.name, **cfg.task.kwargs())
     tokenizer = load_or_make_tokenizer(workdir, task, path=cfg.tokenizer_path or cfg.init_from or None,
@@ -89,12 +80,8 @@ def run(cfg: SFTConfig, workdir: str, *, stop_at: int | None = None) -> dict | N
         raise ValueError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's "
                          f"{tokenizer.vocab_size} pieces: raise --config.model.vocab_size")
 
-    mesh = make_mesh(cfg.mesh)
     lm = LM(cfg.model, cfg.lora)
     tx, schedule = make_optimizer(cfg.optim, cfg.steps, logical_axes=trainable_of(lm, lm.logical_axes))
-    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=cfg.train.keep_checkpoints,
-                        async_save=cfg.train.async_checkpoints)
-
     source = read_jsonl(cfg.train_jsonl) if cfg.train_jsonl else task.source("train")
     batches = build_sft_iterator(
         source, tokenizer, seq_len=cfg.data.seq_len, batch_size=cfg.data.batch_size, packing=cfg.data.packing,
@@ -115,54 +102,35 @@ def run(cfg: SFTConfig, workdir: str, *, stop_at: int | None = None) -> dict | N
         return jax.jit(lambda p, k: new_train_state(lm, tx, p, k), out_shardings=shardings,
                        donate_argnums=0)(params, state_key)
 
-    state, start_step, meta = restore_or_init(ckpt, abstract, shardings, batches, init)
+    state = run.restore_or_init(abstract, shardings, batches, init)
     n_train = sum(int(x.size) for x in jax.tree.leaves(trainable_of(lm, lm.abstract_params)))
     log.info("model %s: %.2fM params (%.3fM trained) on mesh %s", cfg.model.name, lm.n_params / 1e6,
              n_train / 1e6, dict(mesh.shape))
 
-    eval_examples = task.examples("test", cfg.eval.n_examples)
-
-    def evaluate(params, full: bool = False):
-        out = task_accuracy(lm, params, tokenizer, task, eval_examples, cfg.eval, mesh)
-        return out if full else out["accuracy"]
-
-    meta["config"] = to_json_dict(cfg)  # the config of the run that wrote each checkpoint
-    if "accuracy_before" not in meta:
-        meta["accuracy_before"] = evaluate(state.params) if cfg.eval.n_examples else None
-        log.info("held-out accuracy before training: %s", meta["accuracy_before"])
+    evaluate = task_evaluator(lm, tokenizer, task, cfg.eval, mesh)
+    run.once("accuracy_before", lambda: evaluate(state.params))
 
     rows = cfg.data.batch_size // jax.process_count()
-    step_fn = make_sft_step(lm, tx, schedule, mesh, shardings, grad_accum=cfg.train.grad_accum,
-                            rows=cfg.data.batch_size, logprobs_impl=cfg.logprobs_impl)
+    step_fn = make_step(lm, tx, schedule, SFT(lm, logprobs_impl=cfg.logprobs_impl), mesh=mesh,
+                        state_shardings=shardings, units=cfg.data.batch_size, grad_accum=cfg.train.grad_accum)
 
     def to_device(batch):
         if batch["inputs"].shape[0] != rows:
             raise ValueError(f"data pipeline gave {batch['inputs'].shape[0]} rows per process, expected {rows}")
-        return device_put_batch(split_microbatches(batch, cfg.train.grad_accum), step_fn.batch_shardings)
+        return device_put_batch(split_microbatches(batch, cfg.train.grad_accum, keys=step_fn.batch_shardings),
+                                step_fn.batch_shardings)
 
-    def checkpoint(step, state):
-        ckpt.save(step, state, data_state=batches.get_state(), meta=meta)
-
-    t_train = time.perf_counter()
-    state = train_loop(
-        step_fn=step_fn, state=state, batches=batches, to_device=to_device, start_step=start_step, steps=cfg.steps,
-        metrics_log=MetricsLog(os.path.join(workdir, "metrics.jsonl"), resume_step=start_step),
-        checkpoint=checkpoint, checkpoint_every=cfg.train.checkpoint_every or cfg.steps,
-        evaluate=lambda step, st: {"eval_accuracy": evaluate(st.params)}, eval_every=cfg.train.eval_every,
-        log_every=cfg.train.log_every, host_metrics=lambda: batches.stats, desc="sft", stop_at=stop_at)
-    train_time = time.perf_counter() - t_train
-    if close_checkpoints(ckpt, state, batches, meta, stop_at=stop_at, steps=cfg.steps):
+    state = run.train(step_fn, state, batches, to_device=to_device,
+                      evaluate=lambda st: {"eval_accuracy": evaluate(st.params)},
+                      host_metrics=lambda: batches.stats, desc="sft")
+    if state is None:
         return None
 
-    final = evaluate(state.params, full=True) if cfg.eval.n_examples else {"accuracy": None, "samples": []}
+    final = evaluate(state.params, full=True)
     results = {
-        "accuracy_before": meta["accuracy_before"],
+        "accuracy_before": run.meta["accuracy_before"],
         "accuracy_after": final["accuracy"],
         "samples": final["samples"],
-        "steps": cfg.steps,
-        "resumed_from_step": start_step,
-        "train_time_s": train_time,
-        "wall_time_s": time.perf_counter() - t_start,
         "n_params": lm.n_params,
         "n_trained_params": n_train,
         "data": batches.stats,
@@ -170,14 +138,9 @@ def run(cfg: SFTConfig, workdir: str, *, stop_at: int | None = None) -> dict | N
     if cfg.export_hf:
         if hf_config is None and cfg.init_from:  # a resumed run: the source config, read again for its extra fields
             hf_config = pretrained_hf_config(cfg.init_from)
-        export_hf(lm.merged(state.params), cfg.model, tokenizer, os.path.join(workdir, "hf"), base_config=hf_config)
+        export_hf(lm.merged(state.params), cfg.model, tokenizer, run.path("hf"), base_config=hf_config)
         if lm.lora is not None and jax.process_index() == 0:
-            save_adapters(state.params, lm.lora, os.path.join(workdir, "adapters"))
-        results["export"] = {"hf": os.path.join(workdir, "hf")}
-    with open(os.path.join(workdir, "results.json"), "w") as f:
-        json.dump(results, f, indent=2)
-    plot_metrics(workdir, ("loss", "grad_norm", "lr", "tokens_per_s", "eval_accuracy"), filename="sft.png",
-                 title=f"SFT {cfg.model.name} on {cfg.task.name}")
-    log.info("results: %s", json.dumps({k: v for k, v in results.items() if k not in ("data", "samples")}))
-    return results
-
+            save_adapters(state.params, lm.lora, run.path("adapters"))
+        results["export"] = {"hf": run.path("hf")}
+    return run.finish(results, plots=("loss", "grad_norm", "lr", "tokens_per_s", "eval_accuracy"),
+                      filename="sft.png", title=f"SFT {cfg.model.name} on {cfg.task.name}")

@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import numpy as np
 
+from jaxpost.batch import ROW_KEYS
 from jaxpost.rollout.sampler import Rollout
 
-ROLLOUT_BATCH_KEYS = ("inputs", "targets", "loss_mask", "segment_ids", "positions", "sample_logp", "sample_index")
+ROLLOUT_BATCH_KEYS = ROW_KEYS + ("sample_logp", "sample_index")
 
 
 def rollout_batch(rollout: Rollout, *, seq_len: int, pad_id: int, pack: bool = False, rows: int | None = None

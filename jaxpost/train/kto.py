@@ -1,4 +1,4 @@
-"""The KTO train step (unpaired desirable / undesirable completions; `jaxpost.losses.kto`, `apo_zero_unpaired`).
+"""The KTO objective (unpaired desirable / undesirable completions; `jaxpost.losses.kto`, `apo_zero_unpaired`).
 
 Batches come from `jaxpost.data.build_kto_iterator`: rows [b, T] with `label` (1 desirable) and `example_mask`,
 plus the KL rows `kl_*` (prompt i with the completion of example i+1), on which KTO estimates its reference point
@@ -15,16 +15,13 @@ precomputed (`reference="precomputed"`: the batch carries `ref_logps` [A, b] and
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import jax
 import jax.numpy as jnp
-import optax
 
+from jaxpost.batch import ROW_KEYS
 from jaxpost.losses import get_unpaired_loss, kto_kl_baseline, kto_kl_sums
-from jaxpost.sharding import replicated
-from jaxpost.train.dpo import ROW_KEYS, rows_sharding, sequence_logps
-from jaxpost.train.state import TrainState, accumulate_microbatches, jit_step
+from jaxpost.train.dpo import masked_sums, sequence_logps
+from jaxpost.train.step import Context, Objective, row_layout
 
 KL_KEYS = tuple("kl_" + k for k in ROW_KEYS)
 
@@ -33,79 +30,63 @@ def _kl_rows(mb: dict) -> dict:
     return {k: mb["kl_" + k] for k in ROW_KEYS}
 
 
-def kto_step_fn(lm, tx: optax.GradientTransformation, schedule: optax.Schedule, *, loss: str = "kto",
-                loss_kwargs: dict | None = None, reference: str = "model", logprobs_impl: str = "auto"
-                ) -> Callable[[TrainState, object, dict], tuple[TrainState, dict]]:
-    """The pure step `step(state, ref_params, batch)`; batch: ROW_KEYS and KL_KEYS [A, b, T], `label` and
+class Unpaired(Objective):
+    """An unpaired loss (`loss`: an `UNPAIRED_LOSSES` name: kto, apo_zero_unpaired; hyperparameters `loss_kwargs`).
+    The step is `step(state, ref_params, batch)`; batch: ROW_KEYS and KL_KEYS [A, b, T], `label` and
     `example_mask` [A, b] (and `ref_logps`, `ref_kl_logps` [A, b] with reference="precomputed")."""
-    if reference not in ("model", "precomputed"):
-        raise ValueError(f"KTO needs reference log-probs: reference='model' or 'precomputed', got {reference!r}")
-    loss_fn = get_unpaired_loss(loss)
-    kwargs = dict(loss_kwargs or {})
 
-    def ref_logps(ref_params, mb, rows_key):
-        if reference == "precomputed":
-            return mb["ref_logps" if rows_key == "rows" else "ref_kl_logps"]
-        rows = {k: mb[k] for k in ROW_KEYS} if rows_key == "rows" else _kl_rows(mb)
-        return sequence_logps(lm, ref_params, rows, logprobs_impl=logprobs_impl)[0]
+    unit = "example"
+    with_reference = True
 
-    def kl_sums(params, ref_params, mb):
-        pi_kl, _ = sequence_logps(lm, params, _kl_rows(mb), logprobs_impl=logprobs_impl)
-        return kto_kl_sums(pi_kl, ref_logps(ref_params, mb, "kl"), mask_B=mb["example_mask"])
+    def __init__(self, lm, *, loss: str = "kto", loss_kwargs: dict | None = None, reference: str = "model",
+                 logprobs_impl: str = "auto"):
+        if reference not in ("model", "precomputed"):
+            raise ValueError(f"KTO needs reference log-probs: reference='model' or 'precomputed', got {reference!r}")
+        self.loss_fn = get_unpaired_loss(loss)
+        self.lm, self.kwargs, self.reference, self.logprobs_impl = lm, dict(loss_kwargs or {}), reference, logprobs_impl
 
-    def terms(params, ref_params, mb, z0, n):
-        pi_B, _ = sequence_logps(lm, params, {k: mb[k] for k in ROW_KEYS}, logprobs_impl=logprobs_impl)
-        ref_B = jax.lax.stop_gradient(ref_logps(ref_params, mb, "rows").astype(jnp.float32))
-        loss_B, metrics = loss_fn(pi_B, ref_B, mb["label"] > 0, kl=z0, **kwargs)
+    def layout(self):
+        vectors = ("label", "example_mask") + (("ref_logps", "ref_kl_logps") if self.reference == "precomputed"
+                                               else ())
+        return {**row_layout(ROW_KEYS + KL_KEYS), **{k: (1, 2) for k in vectors}}
+
+    def reference_shardings(self, param_shardings):
+        return param_shardings if self.reference == "model" else None
+
+    def denominator(self, batch):
+        return jnp.maximum(jnp.sum(batch["example_mask"].astype(jnp.float32)), 1.0)
+
+    def _logps(self, params, mb, kl: bool):
+        rows = _kl_rows(mb) if kl else {k: mb[k] for k in ROW_KEYS}
+        return sequence_logps(self.lm, params, rows, logprobs_impl=self.logprobs_impl)[0]
+
+    def _ref_logps(self, ref_params, mb, kl: bool):
+        if self.reference == "precomputed":
+            return mb["ref_kl_logps" if kl else "ref_logps"]
+        return self._logps(ref_params, mb, kl)
+
+    def prepare(self, params, ref_params, batch):
+        """z0 of the whole batch: a forward-only pass of the policy and the reference over every micro-batch's KL
+        rows (a global sum / count, so every device and micro-batch sees the same z0)."""
+        def kl_sums(mb):
+            return kto_kl_sums(self._logps(params, mb, True), self._ref_logps(ref_params, mb, True),
+                               mask_B=mb["example_mask"])
+
+        kl_sum, kl_count = jax.lax.map(kl_sums, batch)
+        return kto_kl_baseline(jnp.sum(kl_sum), jnp.sum(kl_count))
+
+    def loss(self, params, mb, ctx: Context):
+        pi_B = self._logps(params, mb, False)
+        ref_B = jax.lax.stop_gradient(self._ref_logps(ctx.ref_params, mb, False).astype(jnp.float32))
+        loss_B, metrics = self.loss_fn(pi_B, ref_B, mb["label"] > 0, kl=ctx.stats, **self.kwargs)
         m_B = mb["example_mask"].astype(jnp.float32)
-        sums = {k: jnp.sum(v * m_B) for k, v in metrics.items() if jnp.ndim(v) == 1}
-        return jnp.sum(loss_B * m_B) / n, sums
+        return jnp.sum(loss_B * m_B) / ctx.denom, masked_sums(metrics, m_B)
 
-    def step(state: TrainState, ref_params, batch: dict):
-        n = jnp.maximum(jnp.sum(batch["example_mask"].astype(jnp.float32)), 1.0)
-        params = jax.lax.stop_gradient(state.params)
-        kl_sum, kl_count = jax.lax.map(lambda mb: kl_sums(params, ref_params, mb), batch)
-        z0 = kto_kl_baseline(jnp.sum(kl_sum), jnp.sum(kl_count))
-        grads, loss, sums = accumulate_microbatches(
-            lambda p, mb: terms(p, ref_params, mb, z0, n), state.params, batch)
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        new_params = optax.apply_updates(state.params, updates)
+    def metrics(self, loss, sums, ctx: Context):
+        n = ctx.denom
         n_des = jnp.maximum(sums.get("desirable", 0.0), 1.0)
         n_und = jnp.maximum(n - sums.get("desirable", 0.0), 1.0)
-        metrics = {"loss": loss, "examples": n, "kl": z0, "grad_norm": optax.global_norm(grads),
-                   "lr": schedule(state.step), "rewards": sums["rewards"] / n,
-                   "chosen_rewards": sums["chosen_rewards"] / n_des,
-                   "rejected_rewards": sums["rejected_rewards"] / n_und}
-        metrics["margins"] = metrics["chosen_rewards"] - metrics["rejected_rewards"]
-        return state.replace(step=state.step + 1, params=new_params, opt_state=opt_state), metrics
-
-    return step
-
-
-def make_kto_step(lm, tx, schedule, mesh, state_shardings, *, grad_accum: int, examples: int, loss: str = "kto",
-                  loss_kwargs: dict | None = None, reference: str = "model", logprobs_impl: str = "auto"):
-    """`kto_step_fn` under `jax.jit` with explicit shardings; the state is donated, the reference params not."""
-    if examples % grad_accum:
-        raise ValueError(f"{examples} examples per batch do not split into grad_accum={grad_accum} micro-batches")
-    fn = kto_step_fn(lm, tx, schedule, loss=loss, loss_kwargs=loss_kwargs, reference=reference,
-                     logprobs_impl=logprobs_impl)
-    b = examples // grad_accum
-    dp = mesh.shape["data"] * mesh.shape["fsdp"]
-    vec_keys = ("label", "example_mask") + (("ref_logps", "ref_kl_logps") if reference == "precomputed" else ())
-    if b % dp:
-        batch_sh = {k: replicated(mesh) for k in ROW_KEYS + KL_KEYS + vec_keys}
-    else:
-        batch_sh = {k: rows_sharding(mesh, b, 3) for k in ROW_KEYS + KL_KEYS}
-        batch_sh.update({k: rows_sharding(mesh, b, 2) for k in vec_keys})
-    ref_sh = state_shardings.params if reference == "model" else None
-    return jit_step(fn, mesh, state_shardings, batch_sh, ref_shardings=ref_sh, with_ref=True)
-
-
-def split_kto_microbatches(batch: dict, grad_accum: int) -> dict:
-    """Host KTO batch ([b, T] rows and KL rows, [b] vectors) -> [grad_accum, b / grad_accum, ...]."""
-    b = batch["label"].shape[0]
-    if b % grad_accum:
-        raise ValueError(f"batch of {b} examples does not split into grad_accum={grad_accum} micro-batches")
-    keys = ROW_KEYS + KL_KEYS + ("label", "example_mask", "ref_logps", "ref_kl_logps")
-    return {k: v.reshape(grad_accum, b // grad_accum, *v.shape[1:]) for k, v in batch.items() if k in keys}
-
+        out = {"loss": loss, "examples": n, "kl": ctx.stats, "rewards": sums["rewards"] / n,
+               "chosen_rewards": sums["chosen_rewards"] / n_des, "rejected_rewards": sums["rejected_rewards"] / n_und}
+        out["margins"] = out["chosen_rewards"] - out["rejected_rewards"]
+        return out

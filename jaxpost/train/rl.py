@@ -23,24 +23,19 @@ token t, i.e. before token t is emitted, aligned with log-probs and masks.
 
 from __future__ import annotations
 
-import dataclasses
-from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
-import optax
 
-from jaxpost.losses import (SEQUENCE_LEVEL_ESTIMATORS, aggregate_loss, broadcast_to_tokens, entropy_bonus,
-                            get_advantage_estimator, get_kl_estimator, get_loss_aggregation, get_policy_loss, kl_loss,
-                            kl_penalty_sequence_rewards, kl_penalty_token_rewards, loss_denominator, masked_whiten,
-                            metric_means, sequence_to_token_rewards, value_loss)
+from jaxpost.batch import ROW_KEYS, rows_sharding
+from jaxpost.config import AdvantageConfig, RLLossConfig, check_value_mode
+from jaxpost.losses import (ADVANTAGE_ESTIMATORS, aggregate_loss, broadcast_to_tokens, entropy_bonus,
+                            get_kl_estimator, get_policy_loss, kl_loss, kl_penalty_sequence_rewards,
+                            kl_penalty_token_rewards, loss_denominator, masked_whiten, metric_means,
+                            sequence_to_token_rewards, value_loss)
 from jaxpost.models.heads import ScalarHeadLM
-from jaxpost.train.dpo import ROW_KEYS, rows_sharding
 from jaxpost.models.lora import base_params
-from jaxpost.train.state import TrainState, accumulate_microbatches, apply_gradients, jit_step
-
-VALUE_MODES = ("none", "head", "critic")
-KL_PLACEMENTS = ("loss", "reward")
+from jaxpost.train.step import Context, Objective, row_layout
 
 
 class PolicyModel:
@@ -48,7 +43,7 @@ class PolicyModel:
     the interface train states need (`abstract_params`, `logical_axes`, `param_shardings`)."""
 
     def __init__(self, lm, *, value: str = "none"):
-        self.check_value_mode(value)
+        check_value_mode(value)
         self.lm, self.value = lm, value
         self.abstract_params = {"policy": lm.abstract_params}
         self.logical_axes = {"policy": lm.logical_axes}
@@ -57,11 +52,6 @@ class PolicyModel:
             keys = ("head",) if value == "head" else ("lm", "head")
             self.abstract_params["value"] = {k: self.head.abstract_params[k] for k in keys}
             self.logical_axes["value"] = {k: self.head.logical_axes[k] for k in keys}
-
-    @staticmethod
-    def check_value_mode(value: str) -> None:
-        if value not in VALUE_MODES:
-            raise ValueError(f"value must be one of {VALUE_MODES}, got {value!r}")
 
     def trainable(self, params):
         """The policy's trainable params (its LoRA adapters, or all of it) and the whole value model."""
@@ -101,65 +91,8 @@ class PolicyModel:
         return jnp.einsum("btd,d->bt", hidden_BTD.astype(jnp.float32), w_D) + v["head"]["b"][0]
 
 
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class RLLossConfig:
-    """The update step's objective.
-
-    policy_loss: a `POLICY_LOSSES` name (ppo: PPO-clip, GRPO and DAPO; gspo, gspo_seq; reinforce).
-    eps_low, eps_high (None: = eps_low), dual_clip: the clip ranges (ppo, gspo).
-    aggregation: a `LOSS_AGGREGATIONS` name; max_length: the constant of seq_mean_token_sum_norm (0: the sampler's
-      max_new_tokens, filled in by the loop).
-    temperature: log-probs are under softmax(logits / temperature), the sampler's convention.
-    kl_coef, kl_estimator, kl_in: a KL penalty to the reference, in the loss (per token, aggregated with the policy
-      loss) or in the reward (subtracted before the advantages); 0 disables it.
-    entropy_coef: entropy bonus. vf_coef, vf_clip: the value loss (value model only).
-    """
-
-    policy_loss: str = "ppo"
-    eps_low: float = 0.2
-    eps_high: float | None = None
-    dual_clip: float | None = None
-    aggregation: str = "token_mean"
-    max_length: int = 0
-    temperature: float = 1.0
-    kl_coef: float = 0.0
-    kl_estimator: str = "k3"
-    kl_in: str = "loss"
-    entropy_coef: float = 0.0
-    vf_coef: float = 0.1
-    vf_clip: float | None = 0.2
-
-    def __post_init__(self):
-        get_policy_loss(self.policy_loss)
-        get_loss_aggregation(self.aggregation)
-        get_kl_estimator(self.kl_estimator)
-        if self.kl_in not in KL_PLACEMENTS:
-            raise ValueError(f"RLLossConfig.kl_in must be one of {KL_PLACEMENTS}, got {self.kl_in!r}")
-        if self.kl_coef < 0 or self.entropy_coef < 0 or self.vf_coef < 0:
-            raise ValueError("RLLossConfig: kl_coef, entropy_coef and vf_coef must be >= 0")
-        if not self.temperature > 0:
-            raise ValueError(f"RLLossConfig.temperature must be > 0, got {self.temperature}")
-        if self.max_length < 0:
-            raise ValueError(f"RLLossConfig.max_length must be >= 0, got {self.max_length}")
-
-    @property
-    def kl_in_loss(self) -> bool:
-        return self.kl_coef > 0 and self.kl_in == "loss"
-
-    @property
-    def kl_in_reward(self) -> bool:
-        return self.kl_coef > 0 and self.kl_in == "reward"
-
-    def policy_kwargs(self) -> dict:
-        if self.policy_loss == "reinforce":
-            return {}
-        kw = {"eps_low": self.eps_low, "eps_high": self.eps_high}
-        if self.policy_loss == "ppo":
-            kw["dual_clip"] = self.dual_clip
-        return kw
-
-
 def batch_keys(model: PolicyModel, loss_cfg: RLLossConfig) -> tuple[str, ...]:
+    """The arrays of an update batch (module docstring)."""
     keys = ROW_KEYS + ("old_logp", "advantages")
     if loss_cfg.kl_in_loss:
         keys += ("ref_logp",)
@@ -168,83 +101,67 @@ def batch_keys(model: PolicyModel, loss_cfg: RLLossConfig) -> tuple[str, ...]:
     return keys
 
 
-def rl_step_fn(model: PolicyModel, tx: optax.GradientTransformation, schedule: optax.Schedule,
-               loss_cfg: RLLossConfig, *, logprobs_impl: str = "auto"
-               ) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
-    """The pure update step `step(state, batch) -> (state, metrics)` on [A, b, T] micro-batches (module docstring).
+class PolicyGradient(Objective):
+    """The RL update (module docstring) on [A, b, T] micro-batches of one sample per row.
 
-    Metrics are means over the step's response tokens (or sequences, for per-sequence metrics): `loss`, `pg_loss`,
-    `vf_loss` (their aggregated values), `clip_frac` (+ low/high/dual), `ratio`, `approx_kl` (k3 of KL(old || new)),
-    `entropy`, `kl_ref` (the loss's KL estimate, with a KL term), value metrics, `grad_norm`, `lr`, `tokens`.
+    The policy loss (`loss_cfg.policy_loss` with its registry hyperparameters), aggregated by
+    `loss_cfg.aggregation` over the global denominator of the whole step's mask; plus a KL term to the reference,
+    an entropy bonus and the value loss when configured. Log-probs are under softmax(logits / temperature), the
+    sampler's. Metrics are means over the step's response tokens (or sequences, for per-sequence metrics): `loss`,
+    `pg_loss`, `vf_loss` (their aggregated values), `clip_frac` (+ low/high/dual), `ratio`, `approx_kl` (k3 of
+    KL(old || new)), `entropy`, `kl_ref` (the loss's KL estimate, with a KL term), value metrics, `tokens`.
     """
-    lm = model.lm
-    policy_loss = get_policy_loss(loss_cfg.policy_loss)
-    kwargs = loss_cfg.policy_kwargs()
-    mode = loss_cfg.aggregation
-    max_length = loss_cfg.max_length or None
 
-    def micro(params, mb, denom):
+    unit = "row"
+
+    def __init__(self, model: PolicyModel, loss_cfg: RLLossConfig, *, temperature: float = 1.0,
+                 logprobs_impl: str = "auto"):
+        if not temperature > 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}")
+        self.model, self.cfg, self.temperature, self.logprobs_impl = model, loss_cfg, temperature, logprobs_impl
+        self.policy_loss = get_policy_loss(loss_cfg.policy_loss)
+        self.policy_kwargs = loss_cfg.policy_kwargs()
+
+    def layout(self):
+        return row_layout(batch_keys(self.model, self.cfg))
+
+    def denominator(self, batch):
+        mask = batch["loss_mask"].astype(jnp.float32)
+        return loss_denominator(mask.reshape(-1, mask.shape[-1]), mode=self.cfg.aggregation,
+                                max_length=self.cfg.max_length or None)
+
+    def loss(self, params, mb, ctx: Context):
+        cfg, lm, model, denom = self.cfg, self.model.lm, self.model, ctx.denom
         h_BTD = lm.hidden(params["policy"], mb["inputs"], mb["positions"], mb["segment_ids"])
-        out = lm.token_logprobs(params["policy"], h_BTD, mb["targets"], temperature=loss_cfg.temperature,
-                                return_entropy=True, impl=logprobs_impl)
+        out = lm.token_logprobs(params["policy"], h_BTD, mb["targets"], temperature=self.temperature,
+                                return_entropy=True, impl=self.logprobs_impl)
         m_BT = mb["loss_mask"].astype(jnp.float32)
-        loss_BT, metrics = policy_loss(out.logp, mb["old_logp"], mb["advantages"], m_BT, **kwargs)
+        loss_BT, metrics = self.policy_loss(out.logp, mb["old_logp"], mb["advantages"], m_BT, **self.policy_kwargs)
         metrics = dict(metrics)
         n = jnp.sum(m_BT)
         metrics["entropy"] = (jnp.sum(jax.lax.stop_gradient(out.entropy) * m_BT), n)
-        pg = aggregate_loss(loss_BT, m_BT, mode=mode, denominator=denom)
-        if loss_cfg.kl_in_loss:
-            kl_BT = kl_loss(out.logp, mb["ref_logp"], m_BT, beta=1.0, estimator=loss_cfg.kl_estimator)
+        pg = aggregate_loss(loss_BT, m_BT, mode=cfg.aggregation, denominator=denom)
+        if cfg.kl_in_loss:
+            kl_BT = kl_loss(out.logp, mb["ref_logp"], m_BT, beta=1.0, estimator=cfg.kl_estimator)
             metrics["kl_ref"] = (jnp.sum(jax.lax.stop_gradient(kl_BT)), n)
-            loss_BT = loss_BT + loss_cfg.kl_coef * kl_BT
-        if loss_cfg.entropy_coef > 0:
-            loss_BT = loss_BT + entropy_bonus(out.entropy, m_BT, coef=loss_cfg.entropy_coef)
-        loss = aggregate_loss(loss_BT, m_BT, mode=mode, denominator=denom)
+            loss_BT = loss_BT + cfg.kl_coef * kl_BT
+        if cfg.entropy_coef > 0:
+            loss_BT = loss_BT + entropy_bonus(out.entropy, m_BT, coef=cfg.entropy_coef)
+        loss = aggregate_loss(loss_BT, m_BT, mode=cfg.aggregation, denominator=denom)
         parts = {"pg_loss": pg}
         if model.value != "none":
             v_BT = model.values(params, mb, h_BTD)
-            vl_BT, vm = value_loss(v_BT, mb["old_values"], mb["returns"], m_BT, clip_eps=loss_cfg.vf_clip)
+            vl_BT, vm = value_loss(v_BT, mb["old_values"], mb["returns"], m_BT, clip_eps=cfg.vf_clip)
             metrics.update(vm)
             metrics["values"] = (jnp.sum(jax.lax.stop_gradient(v_BT) * m_BT), n)
-            vf = aggregate_loss(vl_BT, m_BT, mode=mode, denominator=denom)
+            vf = aggregate_loss(vl_BT, m_BT, mode=cfg.aggregation, denominator=denom)
             parts["vf_loss"] = vf
-            loss = loss + loss_cfg.vf_coef * vf
+            loss = loss + cfg.vf_coef * vf
         return loss, (metrics, parts, n)
 
-    def step(state: TrainState, batch: dict):
-        mask = batch["loss_mask"].astype(jnp.float32)
-        denom = loss_denominator(mask.reshape(-1, mask.shape[-1]), mode=mode, max_length=max_length)
-        grads, loss, (sums, parts, tokens) = accumulate_microbatches(
-            lambda p, mb: micro(p, mb, denom), state.params, batch, model=model)
-        params, opt_state = apply_gradients(model, tx, state, grads)
-        metrics = {"loss": loss, **parts, **metric_means(sums), "tokens": tokens,
-                   "grad_norm": optax.global_norm(grads), "lr": schedule(state.step)}
-        return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
-
-    return step
-
-
-def rl_batch_shardings(mesh, keys, *, rows_per_micro: int) -> dict:
-    return {k: rows_sharding(mesh, rows_per_micro, 3) for k in keys}
-
-
-def make_rl_step(model: PolicyModel, tx, schedule, mesh, state_shardings, loss_cfg: RLLossConfig, *,
-                 rows: int, grad_accum: int = 1, logprobs_impl: str = "auto"):
-    """`rl_step_fn` under `jax.jit` with explicit shardings and the state donated; batches of `rows` rows per
-    optimizer step split into `grad_accum` micro-batches ([grad_accum, rows / grad_accum, T])."""
-    if rows % grad_accum:
-        raise ValueError(f"{rows} rows per update do not split into grad_accum={grad_accum} micro-batches")
-    fn = rl_step_fn(model, tx, schedule, loss_cfg, logprobs_impl=logprobs_impl)
-    return jit_step(fn, mesh, state_shardings,
-                    rl_batch_shardings(mesh, batch_keys(model, loss_cfg), rows_per_micro=rows // grad_accum))
-
-
-def split_rl_microbatches(batch: dict, grad_accum: int) -> dict:
-    """[rows, T] host arrays -> [grad_accum, rows / grad_accum, T]."""
-    rows = batch["inputs"].shape[0]
-    if rows % grad_accum:
-        raise ValueError(f"batch of {rows} rows does not split into grad_accum={grad_accum} micro-batches")
-    return {k: v.reshape(grad_accum, rows // grad_accum, *v.shape[1:]) for k, v in batch.items()}
+    def metrics(self, loss, sums, ctx: Context):
+        token_sums, parts, tokens = sums
+        return {"loss": loss, **parts, **metric_means(token_sums), "tokens": tokens}
 
 
 # ---------------------------------------------------------------------------------------------------- scoring pass
@@ -303,33 +220,6 @@ def make_rl_scorer(model: PolicyModel, mesh, param_shardings, *, rows: int, temp
 # ---------------------------------------------------------------------------------------------------- advantages
 
 
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class AdvantageConfig:
-    """estimator: an `ADVANTAGE_ESTIMATORS` name. grpo_scale, grpo_eps: grpo's std scaling ("group", "batch",
-    "none") and epsilon. gamma, lam: discount and GAE lambda (reinforce_pp, gae). whiten: whiten GAE advantages over
-    the batch (verl, TRL); reinforce_pp always whitens. negative_scale: multiplies the negative advantages (1: the
-    estimator as is; 0: only better-than-baseline samples are reinforced, a RAFT-like positive-only update; the
-    weighting of Zhu et al. 2025, "The Surprising Effectiveness of Negative Reinforcement in LLM Reasoning",
-    written on the negative side)."""
-
-    estimator: str = "grpo"
-    grpo_scale: str = "group"
-    grpo_eps: float = 1e-6
-    gamma: float = 1.0
-    lam: float = 0.95
-    whiten: bool = True
-    negative_scale: float = 1.0
-
-    def __post_init__(self):
-        get_advantage_estimator(self.estimator)
-        if self.grpo_scale not in ("group", "batch", "none"):
-            raise ValueError(f"AdvantageConfig.grpo_scale must be group|batch|none, got {self.grpo_scale!r}")
-        if not (0 <= self.gamma <= 1 and 0 <= self.lam <= 1):
-            raise ValueError("AdvantageConfig: gamma and lam must be in [0, 1]")
-        if self.negative_scale < 0:
-            raise ValueError(f"AdvantageConfig.negative_scale must be >= 0, got {self.negative_scale}")
-
-
 def compute_advantages(rewards_B, mask_BT, row_mask_B, old_logp_BT=None, ref_logp_BT=None, values_BT=None, *,
                        cfg: AdvantageConfig, group_size: int, kl_coef: float = 0.0, kl_estimator: str = "k1"):
     """(advantages [B, T], returns [B, T] or None, rewards used [B]) of a whole rollout batch (groups of
@@ -351,20 +241,19 @@ def _advantages(rewards_B, mask_BT, row_mask_B, old_logp_BT, ref_logp_BT, values
     kl_BT = None
     if kl_coef > 0:
         kl_BT = get_kl_estimator(kl_estimator)(old_logp_BT, ref_logp_BT, m_BT)
-    est = get_advantage_estimator(cfg.estimator)
-    if cfg.estimator in SEQUENCE_LEVEL_ESTIMATORS:
+    est = ADVANTAGE_ESTIMATORS.get(cfg.estimator)
+    if cfg.sequence_level:
         if kl_BT is not None:
             r_B = kl_penalty_sequence_rewards(r_B, kl_BT, m_BT, beta=kl_coef)
-        kw = {"scale": cfg.grpo_scale, "eps": cfg.grpo_eps} if cfg.estimator == "grpo" else {}
-        adv_B = est(r_B, group_size=group_size, mask_B=row_mask_B, **kw)
+        adv_B = est(r_B, group_size=group_size, mask_B=row_mask_B, **cfg.kwargs())
         return broadcast_to_tokens(adv_B, m_BT), None, r_B
     tok_BT = sequence_to_token_rewards(r_B, m_BT)
     if kl_BT is not None:
         tok_BT = kl_penalty_token_rewards(tok_BT, kl_BT, m_BT, beta=kl_coef)
-    if cfg.estimator == "gae":
-        adv_BT, ret_BT = est(tok_BT, m_BT, values_BT=values_BT, gamma=cfg.gamma, lam=cfg.lam)
+    if cfg.needs_values:
+        adv_BT, ret_BT = est(tok_BT, m_BT, values_BT=values_BT, **cfg.kwargs())
         if cfg.whiten:
             adv_BT = masked_whiten(adv_BT, m_BT)
         return adv_BT, ret_BT, r_B
-    adv_BT, ret_BT = est(tok_BT, m_BT, gamma=cfg.gamma)
+    adv_BT, ret_BT = est(tok_BT, m_BT, **cfg.kwargs())
     return adv_BT, ret_BT, r_B

@@ -1,20 +1,24 @@
-"""The RL iteration, host side: prompts -> sampler -> rewards -> scoring -> advantages -> PPO epochs of updates.
+"""The RL iteration, host side, as five named phases: sample, score, advantages, update, metrics.
 
-One call of `RLTrainer.iteration(state, prompts, more_prompts)`:
+`RLTrainer.iteration(state, prompts)` runs them in order on prompt batches drawn from the prompt source `prompts`
+(an iterator of `Prompt` lists, e.g. `jaxpost.data.build_prompt_iterator`):
 
-1. rollout: the KV-cache sampler draws `group_size` completions of each prompt from the current policy params (read
-   in place, no copy);
-2. rewards: the verifier functions (`RewardSet`, on decoded text) and optionally a learned reward model, weighted;
-   DAPO's soft overlong penalty; dynamic sampling (DAPO) drops groups whose rewards are all equal and draws more
-   prompts (`more_prompts()`) until the batch is full or `max_sampling_rounds` is reached (the rest is padding rows,
-   masked out everywhere);
-3. scoring: one forward-only pass gives the old policy's log-probs and entropy, the reference's log-probs and the
-   value model's values (with `old_logp="sampler"` the old log-probs are the sampler's own, and the pass runs only
-   for a reference or a value model, or not at all);
-4. advantages over the whole batch (`jaxpost.train.rl.compute_advantages`);
-5. `ppo_epochs` passes over the rows, shuffled and split into `minibatches` optimizer steps of the pure sharded
-   update step (`jaxpost.train.rl.make_rl_step`).
+1. sample (`RLTrainer.sample`): the KV-cache sampler draws `group_size` completions of each prompt from the current
+   policy params (read in place, no copy); the rewards are the verifier functions (`RewardSet`, on decoded text)
+   plus optionally a learned reward model, weighted, and DAPO's soft overlong penalty. Dynamic sampling (DAPO) keeps
+   only groups whose rewards differ and draws more prompt batches from the source until the batch is full or
+   `max_sampling_rounds` is reached (the rest is padding rows, masked out everywhere);
+2. score (`RLTrainer.score`): one forward-only pass gives the old policy's log-probs and entropy, the reference's
+   log-probs and the value model's values (with `old_logp="sampler"` the old log-probs are the sampler's own, and
+   the pass runs only for a reference or a value model, or not at all);
+3. advantages (`RLTrainer.advantages`) over the whole batch (`jaxpost.train.rl.compute_advantages`): the update
+   batch;
+4. update (`RLTrainer.update`): `ppo_epochs` passes over the rows, shuffled and split into `minibatches` optimizer
+   steps of the one step builder (`jaxpost.train.step.make_step` with the `PolicyGradient` objective);
+5. metrics (`RLTrainer.metrics`): host floats of the iteration (reported on the first sampling round: an unbiased
+   view of the policy, whatever dynamic sampling kept).
 
+Each phase returns what the next reads, so a test or a tool can run them one by one and look at any of them.
 Randomness (sampling seeds and mini-batch orders) derives from the train state's RNG key and the iteration number,
 so a run resumed from a checkpoint (state + prompt-iterator state) continues exactly as if uninterrupted.
 """
@@ -24,80 +28,20 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Iterator, Sequence
 
 import jax
 import numpy as np
 
+from jaxpost.batch import ROW_KEYS, split_microbatches
+from jaxpost.config import AdvantageConfig, RLLossConfig, RolloutConfig, check_rl
 from jaxpost.losses import dynamic_sampling_keep, overlong_penalty
 from jaxpost.rollout import Rollout, Sampler, SamplingConfig, rollout_batch
-from jaxpost.tokenizer import decode_completion
-from jaxpost.train.dpo import ROW_KEYS
-from jaxpost.train.rl import (AdvantageConfig, PolicyModel, RLLossConfig, batch_keys, compute_advantages,
-                              make_rl_scorer, make_rl_step, split_rl_microbatches)
+from jaxpost.tokenizers import decode_completion
+from jaxpost.train.rl import PolicyGradient, PolicyModel, batch_keys, compute_advantages, make_rl_scorer
+from jaxpost.train.step import make_step
 
 log = logging.getLogger("jaxpost")
-
-#: Where the old policy's log-probs come from (`RolloutConfig.old_logp`).
-OLD_LOGP_SOURCES = ("trainer", "sampler")
-
-
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class RolloutConfig:
-    """What one RL iteration samples and how it is consumed.
-
-    prompts_per_step x group_size rows per iteration. max_new_tokens, temperature, top_k, top_p: the sampler.
-    dynamic_sampling: keep only groups with unequal rewards, drawing up to max_sampling_rounds prompt batches.
-    overlong_buffer > 0: DAPO's soft overlong penalty over the last `overlong_buffer` tokens before max_new_tokens
-    (times overlong_penalty_factor). ppo_epochs passes over the batch, each in `minibatches` optimizer steps.
-    old_logp: where the old policy's log-probs (the PPO ratio's denominator) come from: "trainer" recomputes them in
-    the scoring pass with the update step's own forward and log-prob core (ratio 1 at the first update up to float
-    rounding); "sampler" takes the sampler's (the same quantity under the untruncated temperature-T softmax,
-    computed by the decode loop: equal to ~1e-5 in float32, checked every iteration as `sampler_logp_diff` when the
-    trainer's are computed) and skips the policy's forward in the scoring pass; verl's rollout log-probs.
-    """
-
-    prompts_per_step: int = 64
-    group_size: int = 8
-    max_new_tokens: int = 8
-    max_prompt_len: int = 24
-    temperature: float = 1.0
-    top_k: int = 0
-    top_p: float = 1.0
-    dynamic_sampling: bool = False
-    max_sampling_rounds: int = 3
-    overlong_buffer: int = 0
-    overlong_penalty_factor: float = 1.0
-    ppo_epochs: int = 1
-    minibatches: int = 1
-    old_logp: str = "trainer"
-
-    def __post_init__(self):
-        for name in ("prompts_per_step", "group_size", "max_new_tokens", "max_prompt_len", "max_sampling_rounds",
-                     "ppo_epochs", "minibatches"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"RolloutConfig.{name} must be > 0, got {getattr(self, name)}")
-        if not self.temperature > 0:
-            raise ValueError(f"RolloutConfig.temperature must be > 0 for RL (sampling), got {self.temperature}")
-        if self.rows % self.minibatches:
-            raise ValueError(f"RolloutConfig: {self.rows} rows do not split into minibatches={self.minibatches}")
-        if self.old_logp not in OLD_LOGP_SOURCES:
-            raise ValueError(f"RolloutConfig.old_logp must be one of {OLD_LOGP_SOURCES}, got {self.old_logp!r}")
-        if not 0 <= self.overlong_buffer <= self.max_new_tokens:
-            raise ValueError(f"RolloutConfig.overlong_buffer must be in [0, max_new_tokens], got "
-                             f"{self.overlong_buffer}")
-
-    @property
-    def rows(self) -> int:
-        return self.prompts_per_step * self.group_size
-
-    @property
-    def seq_len(self) -> int:
-        return self.max_prompt_len + self.max_new_tokens
-
-    @property
-    def updates_per_iteration(self) -> int:
-        return self.ppo_epochs * self.minibatches
 
 
 def concat_rollouts(parts: Sequence[Rollout], groups: Sequence[tuple[int, int]], group_size: int, *, pad_id: int,
@@ -131,6 +75,33 @@ def concat_rollouts(parts: Sequence[Rollout], groups: Sequence[tuple[int, int]],
                    steps=max(p.steps for p in parts)), row_mask
 
 
+@dataclasses.dataclass
+class Round:
+    """One sampler call of the sample phase: its rollout, prompts, total rewards [rows] and reward details."""
+
+    rollout: Rollout
+    prompts: list
+    rewards: np.ndarray
+    info: dict
+
+
+@dataclasses.dataclass
+class Samples:
+    """What the sample phase gives: the batch's rollout (dynamic sampling: the kept groups, padded), its row mask and
+    total rewards [rows], every sampling round, and the rollout and reward times."""
+
+    iteration: int
+    rollout: Rollout
+    row_mask: np.ndarray
+    rewards: np.ndarray
+    rounds: list[Round]
+    timings: dict
+
+    @property
+    def first(self) -> Round:
+        return self.rounds[0]
+
+
 class RLTrainer:
     """Runs RL iterations for one policy model on one mesh (see the module docstring).
 
@@ -145,16 +116,10 @@ class RLTrainer:
                  rollout: RolloutConfig, loss: RLLossConfig, advantage: AdvantageConfig, ref_params=None,
                  learned_reward=None, learned_reward_weight: float = 1.0, accuracy_key: str | None = None,
                  grad_accum: int = 1, logprobs_impl: str = "auto", base_reference: bool = False):
-        if loss.temperature != rollout.temperature:
-            raise ValueError(f"loss.temperature={loss.temperature} must equal rollout.temperature="
-                             f"{rollout.temperature}: the ratio compares log-probs under the sampling distribution")
-        if model.value == "none" and advantage.estimator == "gae":
-            raise ValueError("the gae estimator needs a value model: set value='head' or 'critic'")
         if base_reference and (getattr(model.lm, "lora", None) is None or ref_params is not None):
             raise ValueError("base_reference=True needs a LoRA policy and no ref_params")
-        if loss.kl_coef > 0 and ref_params is None and not base_reference:
-            raise ValueError("a KL penalty (kl_coef > 0) needs the reference params (or, for a LoRA policy, "
-                             "base_reference=True)")
+        with_ref = ref_params is not None or base_reference
+        check_rl(value=model.value, advantage=advantage, loss=loss, reference=with_ref)
         if loss.aggregation == "seq_mean_token_sum_norm" and not loss.max_length:
             loss = dataclasses.replace(loss, max_length=rollout.max_new_tokens)
         self.model, self.mesh, self.tokenizer, self.rewards = model, mesh, tokenizer, rewards
@@ -162,30 +127,45 @@ class RLTrainer:
         self.ref_params, self.learned_reward, self.learned_weight = ref_params, learned_reward, learned_reward_weight
         self.accuracy_key = accuracy_key
         self.grad_accum = grad_accum
-        self.rows_per_update = rollout.rows // rollout.minibatches
         self.sampler = Sampler(model.lm, mesh, pad_id=tokenizer.pad_id, min_prompt_bucket=rollout.max_prompt_len)
         self.sampling = SamplingConfig(max_new_tokens=rollout.max_new_tokens, temperature=rollout.temperature,
                                        top_k=rollout.top_k, top_p=rollout.top_p, n_samples=rollout.group_size,
                                        stop_ids=tuple(tokenizer.stop_ids))
-        self.step = make_rl_step(model, tx, schedule, mesh, state_shardings, loss, rows=self.rows_per_update,
-                                 grad_accum=grad_accum, logprobs_impl=logprobs_impl)
+        objective = PolicyGradient(model, loss, temperature=rollout.temperature, logprobs_impl=logprobs_impl)
+        self.step = make_step(model, tx, schedule, objective, mesh=mesh, state_shardings=state_shardings,
+                              units=rollout.rows_per_update, grad_accum=grad_accum)
         self.keys = batch_keys(model, loss)
-        with_ref = ref_params is not None or base_reference
         self.trainer_logp = rollout.old_logp == "trainer"
         self.scorer = None  # nothing to score: sampler log-probs, no reference, no value model
         if self.trainer_logp or with_ref or model.value != "none":
-            self.scorer = make_rl_scorer(model, mesh, state_shardings.params, rows=self.rows_per_update,
+            self.scorer = make_rl_scorer(model, mesh, state_shardings.params, rows=rollout.rows_per_update,
                                          temperature=rollout.temperature, with_ref=with_ref,
                                          policy=self.trainer_logp, logprobs_impl=logprobs_impl)
         self._advantages = jax.jit(compute_advantages,
                                    static_argnames=("cfg", "group_size", "kl_coef", "kl_estimator"))
 
-    # -- pieces -------------------------------------------------------------------------------------------------
+    # -- one iteration --------------------------------------------------------------------------------------------
+    def iteration(self, state, prompts: Iterator[list]):
+        """(new state, metrics: host floats) of one RL iteration on prompt batches drawn from `prompts`."""
+        samples = self.sample(state, prompts)
+        t0 = time.perf_counter()
+        scored = self.score(state.params, samples)
+        score_time = time.perf_counter() - t0
+        batch = self.advantages(samples, scored)
+        t0 = time.perf_counter()
+        state, step_metrics = self.update(state, batch, samples.iteration)
+        timings = {**samples.timings, "score_time_s": score_time, "update_time_s": time.perf_counter() - t0}
+        return state, self.metrics(samples, scored, batch, step_metrics, timings)
+
+    # -- 1. sample ------------------------------------------------------------------------------------------------
+    def iteration_of(self, state) -> int:
+        return int(jax.device_get(state.step)) // self.rollout_cfg.updates_per_iteration
+
     def _seed(self, state, iteration: int, *salt: int) -> int:
         key = np.asarray(jax.device_get(state.rng)).astype(np.uint32).tolist()
         return int(np.random.SeedSequence([*key, iteration, *salt]).generate_state(1)[0])
 
-    def _score_rewards(self, rollout: Rollout, prompts, batch) -> tuple[np.ndarray, dict]:
+    def _reward(self, rollout: Rollout, prompts) -> tuple[np.ndarray, dict]:
         completions = [decode_completion(self.tokenizer, c) for c in rollout.completions()]
         texts = [prompts[i].text for i in rollout.prompt_index]
         examples = [prompts[i].example for i in rollout.prompt_index]
@@ -194,7 +174,7 @@ class RLTrainer:
         info = {"per_function": res.per_function, "failed": sum(res.failed.values()),
                 "timed_out": sum(res.timed_out.values()), "time": res.time_s, "completions": completions}
         if self.learned_reward is not None:
-            learned = self.learned_reward(batch)
+            learned = self.learned_reward(self._rows(rollout))
             info["per_function"] = dict(res.per_function, reward_model=learned)
             total = total + self.learned_weight * learned
         cfg = self.rollout_cfg
@@ -210,132 +190,125 @@ class RLTrainer:
         return rollout_batch(rollout, seq_len=self.rollout_cfg.seq_len, pad_id=self.tokenizer.pad_id, pack=False,
                              rows=len(rollout.lengths))
 
-    # -- one iteration --------------------------------------------------------------------------------------------
-    def iteration(self, state, prompts: list, more_prompts: Callable[[], list] | None = None):
-        """(new state, metrics: host floats) of one RL iteration on `prompts` (a list of `Prompt`s; more are drawn
-        with `more_prompts()` under dynamic sampling)."""
+    def sample(self, state, prompts: Iterator[list]) -> Samples:
+        """Rollouts and rewards of prompt batches drawn from `prompts`: one batch, or with dynamic sampling rounds
+        until the batch holds prompts_per_step groups with unequal rewards."""
         cfg, G = self.rollout_cfg, self.rollout_cfg.group_size
-        it = int(jax.device_get(state.step)) // cfg.updates_per_iteration
-        params = state.params
+        it = self.iteration_of(state)
         timings = {"rollout_time_s": 0.0, "reward_time_s": 0.0}
-
-        # 1-2. rollouts and rewards (dynamic sampling: rounds until the batch holds prompts_per_step informative
-        # groups)
-        parts, kept, first = [], [], None
-        round_prompts = prompts
+        rounds, kept = [], []
         for rnd in range(cfg.max_sampling_rounds if cfg.dynamic_sampling else 1):
-            if rnd > 0:
-                if more_prompts is None:
-                    break
-                round_prompts = more_prompts()
+            round_prompts = next(prompts)
             t0 = time.perf_counter()
-            ro = self.sampler.generate(params["policy"], [p.ids for p in round_prompts], self.sampling,
+            ro = self.sampler.generate(state.params["policy"], [p.ids for p in round_prompts], self.sampling,
                                        seed=self._seed(state, it, 0, rnd))
             timings["rollout_time_s"] += time.perf_counter() - t0
             t0 = time.perf_counter()
-            total, info = self._score_rewards(ro, round_prompts, self._rows(ro) if self.learned_reward else None)
+            total, info = self._reward(ro, round_prompts)
             timings["reward_time_s"] += time.perf_counter() - t0
             ro = dataclasses.replace(ro, prompts=[p.ids for p in round_prompts])
-            parts.append((ro, round_prompts, total, info))
+            rounds.append(Round(ro, round_prompts, total, info))
+            if not cfg.dynamic_sampling:
+                break
             keep = np.asarray(dynamic_sampling_keep(total, group_size=G))
-            if first is None:
-                first = {"zero_adv_group_frac": float(1.0 - keep.mean()), "info": info, "total": total, "ro": ro,
-                         "prompts": round_prompts}
-            groups = [(len(parts) - 1, g) for g in range(len(round_prompts))]
-            if cfg.dynamic_sampling:
-                groups = [gr for gr, k in zip(groups, keep) if k]
-            kept += groups
+            kept += [(rnd, g) for g in range(len(round_prompts)) if keep[g]]
             if len(kept) >= cfg.prompts_per_step:
                 break
-        kept = kept[:cfg.prompts_per_step]
         if not cfg.dynamic_sampling:
-            rollout, row_mask = parts[0][0], np.ones((cfg.rows,), np.float32)
-            rewards = parts[0][2]
-        else:
-            rollout, row_mask = concat_rollouts([p[0] for p in parts], kept, G, pad_id=self.tokenizer.pad_id,
-                                                total_groups=cfg.prompts_per_step)
-            rewards = np.zeros((cfg.rows,), np.float32)
-            for gi, (pi, g) in enumerate(kept):
-                rewards[gi * G:(gi + 1) * G] = parts[pi][2][g * G:(g + 1) * G]
-        batch = self._rows(rollout)
+            return Samples(it, rounds[0].rollout, np.ones((cfg.rows,), np.float32), rounds[0].rewards, rounds,
+                           timings)
+        kept = kept[:cfg.prompts_per_step]
+        rollout, row_mask = concat_rollouts([r.rollout for r in rounds], kept, G, pad_id=self.tokenizer.pad_id,
+                                            total_groups=cfg.prompts_per_step)
+        rewards = np.zeros((cfg.rows,), np.float32)
+        for gi, (ri, g) in enumerate(kept):
+            rewards[gi * G:(gi + 1) * G] = rounds[ri].rewards[g * G:(g + 1) * G]
+        return Samples(it, rollout, row_mask, rewards, rounds, timings)
 
-        # 3. scoring pass: old log-probs, entropy, reference log-probs, values
-        t0 = time.perf_counter()
+    # -- 2. score -------------------------------------------------------------------------------------------------
+    def score(self, params, samples: Samples) -> dict:
+        """The batch's rows (`rollout_batch`: ROW_KEYS, sample_logp, ...) and the scoring pass's arrays [rows, T]:
+        `logp` (the old policy's), `entropy`, `ref_logp`, `values`, as the configuration asks."""
+        rows = self._rows(samples.rollout)
         scored = {}
-        n = self.rows_per_update
-        for start in range(0, cfg.rows, n) if self.scorer is not None else ():
-            out = self.scorer(params, self.ref_params, {k: batch[k][start:start + n] for k in ROW_KEYS})
+        n = self.rollout_cfg.rows_per_update
+        for start in range(0, self.rollout_cfg.rows, n) if self.scorer is not None else ():
+            out = self.scorer(params, self.ref_params, {k: rows[k][start:start + n] for k in ROW_KEYS})
             for k, v in jax.device_get(out).items():
                 scored.setdefault(k, []).append(np.asarray(v))
         scored = {k: np.concatenate(v) for k, v in scored.items()}
         if not self.trainer_logp:
-            scored["logp"] = batch["sample_logp"].astype(np.float32)
-        timings["score_time_s"] = time.perf_counter() - t0
+            scored["logp"] = rows["sample_logp"].astype(np.float32)
+        return {**rows, **scored}
 
-        # 4. advantages over the whole batch
-        mask = batch["loss_mask"] * row_mask[:, None]
+    # -- 3. advantages --------------------------------------------------------------------------------------------
+    def advantages(self, samples: Samples, scored: dict) -> dict:
+        """The update batch: ROW_KEYS (loss_mask zero on padding rows), old_logp, advantages, and ref_logp,
+        old_values, returns as the loss needs them; host arrays [rows, T]."""
+        mask = scored["loss_mask"] * samples.row_mask[:, None]
         lc = self.loss_cfg
         kl_coef = lc.kl_coef if lc.kl_in_reward else 0.0
         adv, returns, _ = self._advantages(
-            rewards, mask, row_mask, scored["logp"], scored.get("ref_logp", scored["logp"]),
-            scored.get("values", np.zeros_like(mask)), cfg=self.adv_cfg, group_size=G, kl_coef=kl_coef,
-            kl_estimator=lc.kl_estimator)
-        adv = np.asarray(adv)
-        full = {**{k: batch[k] for k in ROW_KEYS}, "loss_mask": mask.astype(np.float32), "old_logp": scored["logp"],
-                "advantages": adv}
+            samples.rewards, mask, samples.row_mask, scored["logp"], scored.get("ref_logp", scored["logp"]),
+            scored.get("values", np.zeros_like(mask)), cfg=self.adv_cfg, group_size=self.rollout_cfg.group_size,
+            kl_coef=kl_coef, kl_estimator=lc.kl_estimator)
+        batch = {**{k: scored[k] for k in ROW_KEYS}, "loss_mask": mask.astype(np.float32), "old_logp": scored["logp"],
+                 "advantages": np.asarray(adv)}
         if lc.kl_in_loss:
-            full["ref_logp"] = scored["ref_logp"]
+            batch["ref_logp"] = scored["ref_logp"]
         if self.model.value != "none":
-            full["old_values"] = scored["values"]
-            full["returns"] = np.asarray(returns)
+            batch["old_values"] = scored["values"]
+            batch["returns"] = np.asarray(returns)
+        return batch
 
-        self.last_batch = full  # (host arrays of this iteration's update batch, for inspection)
-
-        # 5. ppo_epochs x minibatches updates
-        t0 = time.perf_counter()
+    # -- 4. update ------------------------------------------------------------------------------------------------
+    def update(self, state, batch: dict, iteration: int):
+        """(state, per-step metrics) after ppo_epochs x minibatches optimizer steps on shuffled rows of `batch`."""
+        cfg, n = self.rollout_cfg, self.rollout_cfg.rows_per_update
         step_metrics = []
         for epoch in range(cfg.ppo_epochs):
-            order = np.random.default_rng(self._seed(state, it, 1, epoch)).permutation(cfg.rows)
+            order = np.random.default_rng(self._seed(state, iteration, 1, epoch)).permutation(cfg.rows)
             for mbi in range(cfg.minibatches):
                 idx = order[mbi * n:(mbi + 1) * n]
-                mb = split_rl_microbatches({k: full[k][idx] for k in self.keys}, self.grad_accum)
+                mb = split_microbatches({k: batch[k][idx] for k in self.keys}, self.grad_accum)
                 mb = {k: jax.device_put(v, self.step.batch_shardings[k]) for k, v in mb.items()}
                 state, m = self.step(state, mb)
                 step_metrics.append(m)
-        step_metrics = jax.device_get(step_metrics)
-        timings["update_time_s"] = time.perf_counter() - t0
+        return state, jax.device_get(step_metrics)
 
-        # metrics
-        valid = row_mask > 0
-        m_tok = mask > 0
+    # -- 5. metrics -----------------------------------------------------------------------------------------------
+    def metrics(self, samples: Samples, scored: dict, batch: dict, step_metrics: Sequence[dict],
+                timings: dict) -> dict:
+        G, first = self.rollout_cfg.group_size, samples.first
+        valid = samples.row_mask > 0
+        m_tok = batch["loss_mask"] > 0
+        adv = batch["advantages"]
         out = {k: float(np.mean([float(sm[k]) for sm in step_metrics])) for k in step_metrics[0]}
         out["first_update_ratio"] = float(step_metrics[0]["ratio"])
         out["first_update_clip_frac"] = float(step_metrics[0].get("clip_frac", 0.0))
-        r_first = first["total"]
+        keep = np.asarray(dynamic_sampling_keep(first.rewards, group_size=G))
         out.update({
-            "reward_mean": float(r_first.mean()), "reward_std": float(r_first.std()),
-            "zero_adv_group_frac": first["zero_adv_group_frac"],
-            "response_length": float(first["ro"].lengths.mean()),
-            "truncated_frac": float(np.mean(first["ro"].finish == 2)),
-            "batch_reward_mean": float(rewards[valid].mean()) if valid.any() else 0.0,
-            "batch_groups": float(valid.sum() / G), "sampling_rounds": float(len(parts)),
-            "reward_failed": float(sum(p[3]["failed"] for p in parts)),
-            "reward_timed_out": float(sum(p[3]["timed_out"] for p in parts)),
+            "reward_mean": float(first.rewards.mean()), "reward_std": float(first.rewards.std()),
+            "zero_adv_group_frac": float(1.0 - keep.mean()),
+            "response_length": float(first.rollout.lengths.mean()),
+            "truncated_frac": float(np.mean(first.rollout.finish == 2)),
+            "batch_reward_mean": float(samples.rewards[valid].mean()) if valid.any() else 0.0,
+            "batch_groups": float(valid.sum() / G), "sampling_rounds": float(len(samples.rounds)),
+            "reward_failed": float(sum(r.info["failed"] for r in samples.rounds)),
+            "reward_timed_out": float(sum(r.info["timed_out"] for r in samples.rounds)),
             "adv_abs_mean": float(np.abs(adv)[m_tok].mean()) if m_tok.any() else 0.0,
             **timings,
         })
         if self.trainer_logp:  # the scoring pass's view of the rollout, and its check of the sampler
             out["entropy_rollout"] = float(scored["entropy"][m_tok].mean()) if m_tok.any() else 0.0
-            out["sampler_logp_diff"] = float(np.max(np.abs(scored["logp"] - batch["sample_logp"])[m_tok],
+            out["sampler_logp_diff"] = float(np.max(np.abs(scored["logp"] - scored["sample_logp"])[m_tok],
                                                     initial=0.0))
-        for name, v in first["info"]["per_function"].items():
+        for name, v in first.info["per_function"].items():
             out[f"reward/{name}"] = float(np.mean(v))
         if self.accuracy_key is not None:
-            out["accuracy"] = float(np.mean(first["info"]["per_function"][self.accuracy_key]))
+            out["accuracy"] = float(np.mean(first.info["per_function"][self.accuracy_key]))
         if "ref_logp" in scored and m_tok.any():
             log_r = scored["ref_logp"] - scored["logp"]
             out["kl_ref_k1"] = float(np.mean(-log_r[m_tok]))
             out["kl_ref_k3"] = float(np.mean((np.exp(log_r) - 1 - log_r)[m_tok]))
-        self.last_samples = [(first["prompts"][first["ro"].prompt_index[i]].text, first["info"]["completions"][i],
-                              float(r_first[i])) for i in range(min(4, len(r_first)))]
-        return state, out
+        return out

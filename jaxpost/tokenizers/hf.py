@@ -45,7 +45,7 @@ import jinja2.nodes
 import jinja2.sandbox
 import tokenizers
 
-from jaxpost.tokenizer import ChatTokenizer, validate_messages
+from jaxpost.tokenizers.base import ChatTokenizer, validate_messages
 
 __all__ = ["HFTokenizer", "render_chat_template"]
 

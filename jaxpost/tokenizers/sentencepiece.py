@@ -11,15 +11,11 @@ with a loss mask that is 1 exactly on the assistant content tokens and on the eo
 chat role markers as single user-defined pieces; it is deterministic: the same texts and options give the same model
 bytes.
 
-`ChatTokenizer` is the interface the rest of jaxpost programs against; `Tokenizer` (SentencePiece) and
-`jaxpost.hf_tokenizer.HFTokenizer` (a Hugging Face `tokenizer.json` with the checkpoint's Jinja chat template)
-implement it. `load_tokenizer(path)` picks the right one for a `.model` file, a `tokenizer.json` file, or a checkpoint
-directory.
+`Tokenizer` implements `jaxpost.tokenizers.base.ChatTokenizer`.
 """
 
 from __future__ import annotations
 
-import abc
 import io
 import operator
 import os
@@ -29,29 +25,11 @@ from typing import Any
 
 import sentencepiece as spm
 
-__all__ = [
-    "BOS_ID",
-    "CHAT_SYMBOLS",
-    "ChatTokenizer",
-    "EOS_ID",
-    "HFTokenizer",
-    "PAD_ID",
-    "ROLES",
-    "ROLE_MARKERS",
-    "Tokenizer",
-    "UNK_ID",
-    "END_MARKER",
-    "decode_completion",
-    "load_tokenizer",
-    "train_tokenizer",
-    "validate_messages",
-]
+from jaxpost.tokenizers.base import ChatTokenizer, validate_messages
 
 #: Ids fixed by `train_tokenizer`.
 PAD_ID, BOS_ID, EOS_ID, UNK_ID = 0, 1, 2, 3
 
-#: Chat roles accepted by `encode_chat`, in the order they usually appear.
-ROLES: tuple[str, ...] = ("system", "user", "assistant")
 
 #: Role -> marker text that opens a message of that role.
 ROLE_MARKERS: dict[str, str] = {"system": "<|system|>", "user": "<|user|>", "assistant": "<|assistant|>"}
@@ -64,99 +42,6 @@ CHAT_SYMBOLS: tuple[str, ...] = (*ROLE_MARKERS.values(), END_MARKER)
 
 # Special piece texts used by `train_tokenizer`.
 _SPECIAL_PIECES = {"pad_piece": "<pad>", "bos_piece": "<s>", "eos_piece": "</s>", "unk_piece": "<unk>"}
-
-
-def validate_messages(messages: Any) -> None:
-    """Checks that `messages` is a list of `{"role": ROLES, "content": str}` dicts (extra keys allowed).
-
-    Raises:
-      ValueError: naming the offending message index and field, e.g.
-        ``messages[2].role must be one of 'system', 'user', 'assistant'; got 'bot'``.
-    """
-    if not isinstance(messages, (list, tuple)):
-        raise ValueError(f"messages must be a list of {{'role', 'content'}} dicts, got {type(messages).__name__}")
-    for i, message in enumerate(messages):
-        if not isinstance(message, Mapping):
-            raise ValueError(f"messages[{i}] must be a dict with 'role' and 'content', got {type(message).__name__}")
-        if "role" not in message:
-            raise ValueError(f"messages[{i}] is missing field 'role'")
-        if "content" not in message:
-            raise ValueError(f"messages[{i}] is missing field 'content'")
-        role = message["role"]
-        if role not in ROLES:
-            allowed = ", ".join(repr(r) for r in ROLES)
-            raise ValueError(f"messages[{i}].role must be one of {allowed}; got {role!r}")
-        content = message["content"]
-        if not isinstance(content, str):
-            raise ValueError(f"messages[{i}].content must be a string, got {type(content).__name__}")
-
-
-class ChatTokenizer(abc.ABC):
-    """What jaxpost needs from a tokenizer: special ids, plain encode/decode, and chat encoding with a loss mask.
-
-    Implemented by `Tokenizer` (SentencePiece, jaxpost's own chat layout) and `HFTokenizer` (a Hugging Face
-    `tokenizer.json`, the checkpoint's own chat template). Data pipelines check `isinstance(tok, ChatTokenizer)`.
-    Implementations must be picklable (grain worker processes), and set the special ids in `__init__`:
-    `_vocab_size`, `_pad_id`, `_bos_id`, `_eos_id`, `_unk_id` and `_stop_ids`.
-    """
-
-    _vocab_size: int
-    _pad_id: int
-    _bos_id: int | None
-    _eos_id: int
-    _unk_id: int | None
-    _stop_ids: tuple[int, ...]
-
-    @property
-    def vocab_size(self) -> int:
-        """Number of token ids (`0 <= id < vocab_size`); a model's embedding may be larger (padded)."""
-        return self._vocab_size
-
-    @property
-    def pad_id(self) -> int:
-        """Id written on padding positions (never trained on)."""
-        return self._pad_id
-
-    @property
-    def bos_id(self) -> int | None:
-        """Beginning-of-sequence id; None where the vocabulary has none (Qwen)."""
-        return self._bos_id
-
-    @property
-    def eos_id(self) -> int:
-        """End-of-sequence id."""
-        return self._eos_id
-
-    @property
-    def unk_id(self) -> int | None:
-        """Unknown-token id; None where the vocabulary has none (byte-level BPE)."""
-        return self._unk_id
-
-    @property
-    def stop_ids(self) -> tuple[int, ...]:
-        """Ids that end generation (eos, and the chat format's end-of-turn token where it differs)."""
-        return self._stop_ids
-
-    @abc.abstractmethod
-    def encode(self, text: str) -> list[int]:
-        """Encodes text to ids, adding no special tokens."""
-
-    @abc.abstractmethod
-    def decode(self, ids: Iterable[int]) -> str:
-        """Decodes ids to text, skipping special tokens."""
-
-    @abc.abstractmethod
-    def encode_chat(
-        self, messages: Sequence[Mapping[str, Any]], *, add_generation_prompt: bool = False
-    ) -> tuple[list[int], list[int]]:
-        """Encodes a conversation; returns `(ids, loss_mask)` of equal length, the mask 1 exactly on the tokens of
-        assistant turns that the model must produce (content and the token(s) closing the turn)."""
-
-    def encode_prompt_completion(self, prompt: str, completion: str) -> tuple[list[int], list[int]]:
-        """`encode_chat` of a single user turn `prompt` answered by the assistant with `completion`."""
-        return self.encode_chat(
-            [{"role": "user", "content": prompt}, {"role": "assistant", "content": completion}]
-        )
 
 
 class Tokenizer(ChatTokenizer):
@@ -354,6 +239,7 @@ class Tokenizer(ChatTokenizer):
 
 # --------------------------------------------------------------------------------------------------- training
 
+
 _TOO_SMALL_RE = re.compile(r"Vocabulary size is smaller than required_chars\. (\d+) vs (\d+)")
 _TOO_LARGE_RE = re.compile(r"Vocabulary size too high \((\d+)\)\. Please set it to a value <= (\d+)")
 
@@ -463,82 +349,3 @@ def train_tokenizer(
             ) from e
         raise ValueError(f"sentencepiece training failed: {message}") from e
     return Tokenizer.from_serialized(writer.getvalue())
-
-
-def decode_completion(tokenizer: ChatTokenizer, ids) -> str:
-    """Text of a sampled completion: stop tokens dropped, ids past the tokenizer's pieces (the model's vocabulary
-    may be padded) decoded as unknown, or dropped where the tokenizer has no unknown token."""
-    stop = set(tokenizer.stop_ids)
-    kept = []
-    for t in (ids.tolist() if hasattr(ids, "tolist") else list(ids)):
-        if t in stop:
-            continue
-        if t >= tokenizer.vocab_size:
-            if tokenizer.unk_id is None:
-                continue
-            t = tokenizer.unk_id
-        kept.append(t)
-    return tokenizer.decode(kept)
-
-
-# --------------------------------------------------------------------------------------------------- loading
-
-
-def load_tokenizer(
-    path: str | os.PathLike,
-    *,
-    pad_id: int | None = None,
-    bos_id: int | None = None,
-    eos_id: int | None = None,
-    chat_template: str | None = None,
-) -> ChatTokenizer:
-    """Loads the tokenizer at `path`, never touching the network.
-
-    `path` is a SentencePiece `.model` file (-> `Tokenizer`), a `tokenizer.json` file, or a checkpoint directory
-    holding `tokenizer.json` (preferred when present; -> `HFTokenizer`, with the directory's `tokenizer_config.json`,
-    `chat_template.jinja` and `generation_config.json`) or else `tokenizer.model` (-> `Tokenizer`). A SentencePiece
-    model keeps jaxpost's own chat layout: a `chat_template` in its directory is not used, and `chat_template=` is an
-    error. The special-id overrides are passed on (see `Tokenizer` and `HFTokenizer`).
-
-    Raises:
-      FileNotFoundError: naming `path` when it does not exist or the directory holds neither file.
-      ValueError: naming the file when it cannot be parsed.
-    """
-    path_str = os.fspath(path)
-    ids = {"pad_id": pad_id, "bos_id": bos_id, "eos_id": eos_id}
-    if not os.path.exists(path_str):
-        raise FileNotFoundError(f"no tokenizer at {path_str}: the path does not exist")
-    sp_path = None
-    if os.path.isdir(path_str):
-        if os.path.isfile(os.path.join(path_str, "tokenizer.json")):
-            from jaxpost.hf_tokenizer import HFTokenizer
-
-            return HFTokenizer.load(path_str, chat_template=chat_template, **ids)
-        if os.path.isfile(os.path.join(path_str, "tokenizer.model")):
-            sp_path = os.path.join(path_str, "tokenizer.model")
-        else:
-            raise FileNotFoundError(
-                f"no tokenizer in directory {path_str}: expected tokenizer.json (Hugging Face) or tokenizer.model "
-                "(SentencePiece)"
-            )
-    elif path_str.endswith(".json"):
-        from jaxpost.hf_tokenizer import HFTokenizer
-
-        return HFTokenizer.load(path_str, chat_template=chat_template, **ids)
-    else:
-        sp_path = path_str
-    if chat_template is not None:
-        raise ValueError(
-            f"{sp_path} is a SentencePiece model, which uses jaxpost's own chat layout: chat_template= applies to "
-            "tokenizer.json checkpoints only"
-        )
-    return Tokenizer.load(sp_path, **ids)
-
-
-def __getattr__(name: str):
-    # `HFTokenizer` lives in jaxpost.hf_tokenizer (which imports this module); re-exported lazily.
-    if name == "HFTokenizer":
-        from jaxpost.hf_tokenizer import HFTokenizer
-
-        return HFTokenizer
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
