@@ -319,7 +319,7 @@ def test_rl_config_errors_are_named():
 def test_learned_reward_scores_rows_at_the_last_completion_token():
     from jaxpost.models.heads import ScalarHeadLM
     from jaxpost.rollout.rewards import LearnedReward
-    from jaxpost.train.rm import sequence_rewards
+    from jaxpost.models.heads import sequence_rewards
     from tests.test_rl_step import rollout_rows
 
     model = ScalarHeadLM(tiny_config(), head_init_std=0.5)

@@ -7,9 +7,9 @@ import numpy as np
 import optax
 import pytest
 
-from jaxpost.models.heads import ScalarHeadLM, last_token_index
+from jaxpost.models.heads import ScalarHeadLM, last_token_index, sequence_rewards
 from jaxpost.batch import split_microbatches
-from jaxpost.train.rm import PairwiseReward, sequence_rewards
+from jaxpost.train.rm import PairwiseReward
 from jaxpost.train.step import make_step, step_fn
 from jaxpost.train.state import TrainState, create_train_state
 from tests.helpers import cached_lm, max_abs_diff, mesh_of, single_device_mesh, tiny_config

@@ -12,9 +12,10 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from jaxpost.batch import ROW_KEYS, rows_sharding
 from jaxpost.config import ModelConfig
 from jaxpost.models.lm import LM
-from jaxpost.sharding import PARAM_RULES, logical_to_spec
+from jaxpost.sharding import PARAM_RULES, logical_to_spec, replicated
 
 
 class ScalarHeadLM:
@@ -62,3 +63,24 @@ def last_token_index(loss_mask_BT) -> jax.Array:
     T = loss_mask_BT.shape[-1]
     pos_BT = jnp.where(loss_mask_BT > 0, jnp.arange(T)[None, :], -1)
     return jnp.maximum(jnp.max(pos_BT, axis=-1), 0)
+
+
+def sequence_rewards(model: ScalarHeadLM, params, mb: dict):
+    """Score [R] of each row [R, T]: the head's value at the row's last completion position (`last_token_index`)."""
+    v_RT = model.values(params, mb["inputs"], mb["positions"], mb["segment_ids"])
+    idx_R = last_token_index(mb["loss_mask"])
+    return jnp.take_along_axis(v_RT, idx_R[:, None], axis=1)[:, 0]
+
+
+def make_sequence_scorer(model: ScalarHeadLM, mesh, param_shardings, *, rows: int):
+    """A jitted `score(params, batch) -> [rows]`: `sequence_rewards` of one host batch of ROW_KEYS [rows, T] (a
+    reward model's held-out pairwise evaluation, or its scores of RL rollouts)."""
+    in_sh = {k: rows_sharding(mesh, rows, 2, rows_axis=0) for k in ROW_KEYS}
+    jitted = jax.jit(lambda p, b: sequence_rewards(model, p, b), in_shardings=(param_shardings, in_sh),
+                     out_shardings=replicated(mesh))
+
+    def run(params, batch):
+        with jax.set_mesh(mesh):
+            return jitted(params, {k: batch[k] for k in ROW_KEYS})
+
+    return run

@@ -295,14 +295,14 @@ class Run:
         return None if stopped else state
 
     def finish(self, results: dict, *, plots: tuple[str, ...] = (), filename: str = "metrics.png",
-               title: str = "") -> dict:
+               title: str = "", xlabel: str = "step") -> dict:
         """Adds the step counts and wall times to `results`, writes results.json and the plot, logs them."""
         results = {**results, "steps": self.cfg.steps, "resumed_from_step": self.start_step,
                    "train_time_s": self.train_time_s, "wall_time_s": time.perf_counter() - self.t_start}
         with open(self.path("results.json"), "w") as f:
             json.dump(results, f, indent=2)
         if plots:
-            plot_metrics(self.workdir, plots, filename=filename, title=title)
+            plot_metrics(self.workdir, plots, filename=filename, title=title, xlabel=xlabel)
         log.info("results: %s", json.dumps({k: v for k, v in results.items() if k not in ("samples", "data")}))
         return results
 

@@ -20,11 +20,11 @@ import numpy as np
 from jaxpost.batch import device_put_batch, split_microbatches
 from jaxpost.config import DataConfig, EvalConfig, MeshConfig, OptimConfig, TrainConfig
 from jaxpost.data.preference import arithmetic_preference_records, build_preference_iterator
-from jaxpost.models.heads import ScalarHeadLM
 from jaxpost.recipes import sft as sft_recipe
 from jaxpost.recipes.common import Run, load_start_params, open_sft_start
 from jaxpost.recipes.dpo import PAIR_SOURCES, build_pairs
-from jaxpost.train.rm import PairwiseReward, make_pairwise_eval
+from jaxpost.models.heads import ScalarHeadLM, make_sequence_scorer
+from jaxpost.train.rm import PairwiseReward
 from jaxpost.train.optim import make_optimizer
 from jaxpost.train.state import TrainState, abstract_train_state, state_shardings
 from jaxpost.train.step import make_step
@@ -103,7 +103,7 @@ def run(cfg: RMConfig, workdir: str, *, stop_at: int | None = None) -> dict | No
     del lm_params
 
     rows = 2 * (cfg.data.batch_size // jax.process_count())
-    score = make_pairwise_eval(model, mesh, model.param_shardings(mesh), rows=rows)
+    score = make_sequence_scorer(model, mesh, model.param_shardings(mesh), rows=rows)
     before = run.once("eval_before", lambda: pairwise_accuracy(score, state.params, eval_records, tokenizer, cfg))
 
     loss_kwargs = ({"center_rewards_coefficient": cfg.center_rewards_coefficient}

@@ -149,11 +149,11 @@ def digit_match_reward(prompt: str, completion: str, *, answer, **_) -> float:
 
 class LearnedReward:
     """A reward model (`ScalarHeadLM` params, e.g. from `jaxpost.recipes.rm`) scoring rollout rows on the device:
-    the score at each row's last completion token (`jaxpost.train.rm.sequence_rewards`)."""
+    the score at each row's last completion token (`jaxpost.models.heads.sequence_rewards`)."""
 
     def __init__(self, model, params, mesh, *, rows: int):
-        from jaxpost.train.rm import make_pairwise_eval  # the same jitted scorer as the RM's evaluation
-        self._score = make_pairwise_eval(model, mesh, model.param_shardings(mesh), rows=rows)
+        from jaxpost.models.heads import make_sequence_scorer  # the same jitted scorer as the RM's evaluation
+        self._score = make_sequence_scorer(model, mesh, model.param_shardings(mesh), rows=rows)
         self.params = params
         self.rows = rows
 

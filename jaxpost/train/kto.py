@@ -33,7 +33,9 @@ def _kl_rows(mb: dict) -> dict:
 class Unpaired(Objective):
     """An unpaired loss (`loss`: an `UNPAIRED_LOSSES` name: kto, apo_zero_unpaired; hyperparameters `loss_kwargs`).
     The step is `step(state, ref_params, batch)`; batch: ROW_KEYS and KL_KEYS [A, b, T], `label` and
-    `example_mask` [A, b] (and `ref_logps`, `ref_kl_logps` [A, b] with reference="precomputed")."""
+    `example_mask` [A, b] (and `ref_logps`, `ref_kl_logps` [A, b] with reference="precomputed"). ref_params: the
+    frozen reference params with reference="model"; for a LoRA model, None means its base model (adapters disabled).
+    Metrics: `loss`, `examples`, `kl` (z0), `rewards`, `chosen_rewards`, `rejected_rewards`, `margins`."""
 
     unit = "example"
     with_reference = True
@@ -51,7 +53,8 @@ class Unpaired(Objective):
         return {**row_layout(ROW_KEYS + KL_KEYS), **{k: (1, 2) for k in vectors}}
 
     def reference_shardings(self, param_shardings):
-        return param_shardings if self.reference == "model" else None
+        lora_reference = getattr(self.lm, "lora", None) is not None  # adapters off: no ref params
+        return param_shardings if self.reference == "model" and not lora_reference else None
 
     def denominator(self, batch):
         return jnp.maximum(jnp.sum(batch["example_mask"].astype(jnp.float32)), 1.0)
@@ -60,16 +63,21 @@ class Unpaired(Objective):
         rows = _kl_rows(mb) if kl else {k: mb[k] for k in ROW_KEYS}
         return sequence_logps(self.lm, params, rows, logprobs_impl=self.logprobs_impl)[0]
 
-    def _ref_logps(self, ref_params, mb, kl: bool):
+    def _ref_logps(self, params, ref_params, mb, kl: bool):
         if self.reference == "precomputed":
             return mb["ref_kl_logps" if kl else "ref_logps"]
+        if ref_params is None:  # a LoRA policy's base model: its adapters disabled
+            if getattr(self.lm, "lora", None) is None:
+                raise ValueError("reference='model' needs ref_params (or a LoRA model: adapters disabled)")
+            rows = _kl_rows(mb) if kl else {k: mb[k] for k in ROW_KEYS}
+            return sequence_logps(self.lm, params, rows, logprobs_impl=self.logprobs_impl, adapters=False)[0]
         return self._logps(ref_params, mb, kl)
 
     def prepare(self, params, ref_params, batch):
         """z0 of the whole batch: a forward-only pass of the policy and the reference over every micro-batch's KL
         rows (a global sum / count, so every device and micro-batch sees the same z0)."""
         def kl_sums(mb):
-            return kto_kl_sums(self._logps(params, mb, True), self._ref_logps(ref_params, mb, True),
+            return kto_kl_sums(self._logps(params, mb, True), self._ref_logps(params, ref_params, mb, True),
                                mask_B=mb["example_mask"])
 
         kl_sum, kl_count = jax.lax.map(kl_sums, batch)
@@ -77,7 +85,7 @@ class Unpaired(Objective):
 
     def loss(self, params, mb, ctx: Context):
         pi_B = self._logps(params, mb, False)
-        ref_B = jax.lax.stop_gradient(self._ref_logps(ctx.ref_params, mb, False).astype(jnp.float32))
+        ref_B = jax.lax.stop_gradient(self._ref_logps(params, ctx.ref_params, mb, False).astype(jnp.float32))
         loss_B, metrics = self.loss_fn(pi_B, ref_B, mb["label"] > 0, kl=ctx.stats, **self.kwargs)
         m_B = mb["example_mask"].astype(jnp.float32)
         return jnp.sum(loss_B * m_B) / ctx.denom, masked_sums(metrics, m_B)

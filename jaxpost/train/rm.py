@@ -6,22 +6,13 @@ batch: exact under any micro-batch or device split.
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 
-from jaxpost.batch import ROW_KEYS, rows_sharding
+from jaxpost.batch import ROW_KEYS
 from jaxpost.losses import get_reward_loss
-from jaxpost.models.heads import last_token_index
-from jaxpost.sharding import replicated
+from jaxpost.models.heads import sequence_rewards
 from jaxpost.train.dpo import masked_sums, split_pairs
 from jaxpost.train.step import Context, Objective, row_layout
-
-
-def sequence_rewards(model, params, mb: dict):
-    """Score [R] of each row: the head's value at the row's last completion position."""
-    v_RT = model.values(params, mb["inputs"], mb["positions"], mb["segment_ids"])
-    idx_R = last_token_index(mb["loss_mask"])
-    return jnp.take_along_axis(v_RT, idx_R[:, None], axis=1)[:, 0]
 
 
 class PairwiseReward(Objective):
@@ -47,17 +38,3 @@ class PairwiseReward(Objective):
 
     def metrics(self, loss, sums, ctx: Context):
         return {"loss": loss, "pairs": ctx.denom, **{k: v / ctx.denom for k, v in sums.items()}}
-
-
-def make_pairwise_eval(model, mesh, param_shardings, *, rows: int):
-    """A jitted `f(params, batch) -> (rewards [rows], ...)` for held-out pairwise accuracy: rewards of one host
-    batch of interleaved rows [rows, T]."""
-    in_sh = {k: rows_sharding(mesh, rows, 2, rows_axis=0) for k in ROW_KEYS}
-    jitted = jax.jit(lambda p, b: sequence_rewards(model, p, b), in_shardings=(param_shardings, in_sh),
-                     out_shardings=replicated(mesh))
-
-    def run(params, batch):
-        with jax.set_mesh(mesh):
-            return jitted(params, {k: batch[k] for k in ROW_KEYS})
-
-    return run
