@@ -7,6 +7,24 @@ finite number, or is still running at the deadline scores 0 for that function, i
 per function name), and the run goes on. A hung call's thread is abandoned (Python cannot kill a thread; it is a
 daemon, so it never blocks the process from exiting); use `timeout_s=None` to call functions inline, in order.
 
+Several functions are combined by `aggregation` (TRL's `GRPOConfig.multi_objective_aggregation`):
+
+    "sum"                 total = sum_f w_f r_f                                   (TRL's default, "sum_then_normalize":
+                          the advantage estimator normalises the total afterwards)
+    "normalize_then_sum"  total = sum_f w_f (r_f - mean_g(r_f)) / (std_g(r_f) + eps)   (GDPO, arXiv:2601.05242)
+
+where mean_g and std_g run over the G samples of the same prompt (rows [g*G, (g+1)*G), the layout of a rollout, G
+passed in by the caller: `RLTrainer` gives its group size), std with Bessel's correction (ddof=1) and eps=1e-4 added
+to it, as TRL does (huggingface/trl, trl/trainer/grpo_trainer.py, `_generate_and_score_completions`, the
+"normalize_then_sum" branch; `nanstd` in trl/trainer/utils.py); a group of one sample (G=1) gets std 0, so z = 0.
+Each function then weighs by w_f whatever its scale, and a function that is constant within a group adds nothing
+to it. TRL then standardises the aggregate over the whole batch, (R - mean_batch) / (std_batch + 1e-4), ignoring
+`scale_rewards`; since every group's aggregate already has mean 0, jaxpost's GRPO estimator with
+`AdvantageConfig(grpo_scale="batch", grpo_eps=1e-4)` computes exactly that (the default "group" scaling divides by
+each group's std of the aggregate instead). Differences from TRL: a function that fails scores 0 and takes part in
+the statistics (TRL's None, "not applicable", is left out as NaN), and the `reward_mean` metric of the RL loop is
+the mean aggregate (0 under normalize_then_sum); the raw means are the per-function `reward/<name>` metrics.
+
 Learned rewards (`LearnedReward`) score a whole batch of rollout rows at once on the device: a `ScalarHeadLM` (the
 reward model of `jaxpost.train.rm`) read at each sample's last completion token.
 """
@@ -29,10 +47,13 @@ log = logging.getLogger("jaxpost")
 
 RewardFn = Callable[..., float]
 
+#: How `RewardSet` combines its functions' rewards (module docstring).
+REWARD_AGGREGATIONS = ("sum", "normalize_then_sum")
+
 
 @dataclasses.dataclass(frozen=True)
 class RewardResult:
-    total: np.ndarray                     # float32 [R]: sum_f weight_f * reward_f
+    total: np.ndarray                     # float32 [R]: sum_f weight_f * reward_f (or of the z-scores: aggregation)
     per_function: dict[str, np.ndarray]   # name -> float32 [R] (unweighted; 0 where the call failed)
     failed: dict[str, int]                # name -> calls that raised or returned a non-finite / non-number
     timed_out: dict[str, int]             # name -> calls past the timeout
@@ -40,10 +61,14 @@ class RewardResult:
 
 
 class RewardSet:
-    """Weighted verifier rewards. `functions`: name -> callable; `weights`: name -> weight (default 1)."""
+    """Weighted verifier rewards. `functions`: name -> callable; `weights`: name -> weight (default 1);
+    `aggregation`: "sum" or "normalize_then_sum" (each function standardised within its prompt group, eps added to
+    the std; module docstring). Call as `rewards(prompts, completions, examples, group_size=G)`: G is needed by
+    normalize_then_sum only, rows in groups of G consecutive samples."""
 
     def __init__(self, functions: Mapping[str, RewardFn], *, weights: Mapping[str, float] | None = None,
-                 timeout_s: float | None = 10.0, max_threads: int = 64):
+                 timeout_s: float | None = 10.0, max_threads: int = 64, aggregation: str = "sum",
+                 eps: float = 1e-4):
         if not functions:
             raise ValueError("RewardSet needs at least one reward function")
         for name, fn in functions.items():
@@ -55,17 +80,25 @@ class RewardSet:
             raise ValueError(f"weights for unknown reward functions {sorted(unknown)}; known: {sorted(functions)}")
         if timeout_s is not None and not timeout_s > 0:
             raise ValueError(f"timeout_s must be > 0 or None, got {timeout_s}")
+        if aggregation not in REWARD_AGGREGATIONS:
+            raise ValueError(f"aggregation must be one of {REWARD_AGGREGATIONS}, got {aggregation!r}")
+        if not eps > 0:
+            raise ValueError(f"eps must be > 0, got {eps}")
+        self.aggregation, self.eps = aggregation, float(eps)
         self.functions = dict(functions)
         self.weights = {name: float(weights.get(name, 1.0)) for name in functions}
         self.timeout_s = timeout_s
         self.max_threads = max_threads
 
     def __call__(self, prompts: Sequence[str], completions: Sequence[str],
-                 examples: Sequence[Mapping[str, Any]]) -> RewardResult:
+                 examples: Sequence[Mapping[str, Any]], *, group_size: int | None = None) -> RewardResult:
         t0 = time.perf_counter()
         R = len(completions)
         if not len(prompts) == len(examples) == R:
             raise ValueError(f"RewardSet: {len(prompts)} prompts, {R} completions, {len(examples)} examples")
+        if self.aggregation == "normalize_then_sum" and (group_size is None or group_size <= 0 or R % group_size):
+            raise ValueError(f"RewardSet(aggregation='normalize_then_sum') needs the group size of the {R} rows, "
+                             f"got group_size={group_size}")
         calls = [(name, r) for name in self.functions for r in range(R)]
         values = np.zeros((len(calls),), np.float32)
         status = np.zeros((len(calls),), np.int8)  # 0 ok, 1 failed, 2 timed out
@@ -113,6 +146,8 @@ class RewardSet:
             per_function[name] = v
             failed[name] = int(np.sum(status[sl] == 1))
             timed_out[name] = int(np.sum(status[sl] == 2))
+            if self.aggregation == "normalize_then_sum":
+                v = group_zscores(v, group_size=group_size, eps=self.eps)
             total += self.weights[name] * v
         n_bad = sum(failed.values()) + sum(timed_out.values())
         if n_bad:
@@ -120,6 +155,15 @@ class RewardSet:
                         sum(timed_out.values()), "; e.g. " + "; ".join(errors) if errors else "")
         return RewardResult(total=total, per_function=per_function, failed=failed, timed_out=timed_out,
                             time_s=time.perf_counter() - t0)
+
+
+def group_zscores(rewards_R: np.ndarray, *, group_size: int, eps: float = 1e-4) -> np.ndarray:
+    """(r - mean_g(r)) / (std_g(r) + eps) within each group of `group_size` consecutive rows, std with ddof=1 (0 for
+    a group of one), in float64, returned as float32 [R] (TRL's per-function normalisation of normalize_then_sum)."""
+    r_GN = np.asarray(rewards_R, np.float64).reshape(-1, group_size)
+    mean_G1 = r_GN.mean(axis=1, keepdims=True)
+    std_G1 = r_GN.std(axis=1, ddof=1, keepdims=True) if group_size > 1 else np.zeros_like(mean_G1)
+    return ((r_GN - mean_G1) / (std_G1 + eps)).reshape(-1).astype(np.float32)
 
 
 def task_reward(task) -> RewardFn:

@@ -105,7 +105,8 @@ class Samples:
 class RLTrainer:
     """Runs RL iterations for one policy model on one mesh (see the module docstring).
 
-    rewards(prompts, completions, examples) -> RewardResult (a `jaxpost.rollout.rewards.RewardSet`);
+    rewards(prompts, completions, examples, group_size=G) -> RewardResult (a `jaxpost.rollout.rewards.RewardSet`;
+    rows come in groups of G = rollout.group_size samples of one prompt);
     learned_reward: optional `LearnedReward` (scores rollout rows), weighted by `learned_reward_weight`;
     accuracy_key: the reward function whose mean is reported as `accuracy` (a 0/1 verifier);
     ref_params: the reference decoder params (sharded like the policy's) for a KL term or the `kl_ref` metric; for a
@@ -169,7 +170,7 @@ class RLTrainer:
         completions = [decode_completion(self.tokenizer, c) for c in rollout.completions()]
         texts = [prompts[i].text for i in rollout.prompt_index]
         examples = [prompts[i].example for i in rollout.prompt_index]
-        res = self.rewards(texts, completions, examples)
+        res = self.rewards(texts, completions, examples, group_size=self.rollout_cfg.group_size)
         total = res.total.copy()
         info = {"per_function": res.per_function, "failed": sum(res.failed.values()),
                 "timed_out": sum(res.timed_out.values()), "time": res.time_s, "completions": completions}
