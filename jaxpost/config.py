@@ -295,17 +295,28 @@ class LoRAConfig:
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class TaskConfig:
-    """A built-in verifiable task (`jaxpost.data.tasks`)."""
+    """A built-in verifiable task (`jaxpost.data.make_task`): "arithmetic" (direct answers) or "reasoning_arith"
+    (answered directly or through a worked trace; `n_operands` operands, `trace_fraction` of the gold completions
+    worked). `kwargs()` gives the task the fields its constructor takes."""
 
     name: str = "arithmetic"
     min_digits: int = 1
     max_digits: int = 2
     ops: tuple[str, ...] = ("+", "-")
+    n_operands: int = 2
+    trace_fraction: float = 0.0
     seed: int = 0
 
+    def __post_init__(self):
+        object.__setattr__(self, "ops", tuple(self.ops))
+        if self.n_operands < 2:
+            raise ValueError(f"TaskConfig.n_operands must be >= 2, got {self.n_operands}")
+        if not 0.0 <= self.trace_fraction <= 1.0:
+            raise ValueError(f"TaskConfig.trace_fraction must be in [0, 1], got {self.trace_fraction}")
+
     def kwargs(self) -> dict:
-        return {"min_digits": self.min_digits, "max_digits": self.max_digits, "ops": tuple(self.ops),
-                "seed": self.seed}
+        """Every task parameter (`jaxpost.data.task_from_config` passes a task the ones it takes)."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "name"}
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

@@ -117,3 +117,19 @@ def test_registry_and_validation():
         ArithmeticTask(min_digits=3, max_digits=2)
     with pytest.raises(ValueError, match="split must be one of"):
         ArithmeticTask().example("validation", 0)
+
+
+def test_task_from_config_passes_each_task_its_parameters():
+    from jaxpost.config import TaskConfig
+    from jaxpost.data import ReasoningArithmeticTask, task_from_config
+
+    assert isinstance(task_from_config(TaskConfig()), ArithmeticTask)
+    task = task_from_config(TaskConfig(name="reasoning_arith", max_digits=3, n_operands=3, trace_fraction=0.25))
+    assert isinstance(task, ReasoningArithmeticTask)
+    assert (task.max_digits, task.n_operands, task.trace_fraction) == (3, 3, 0.25)
+    with pytest.raises(ValueError, match="takes no parameter 'trace_fraction'"):
+        task_from_config(TaskConfig(trace_fraction=0.5))
+    with pytest.raises(ValueError, match="unknown task"):
+        task_from_config(TaskConfig(name="chess"))
+    with pytest.raises(ValueError, match="trace_fraction"):
+        TaskConfig(trace_fraction=1.5)

@@ -62,7 +62,7 @@ def main(argv=None) -> None:
 
     from experiments import grpo_arith
     from jaxpost.config import MeshConfig
-    from jaxpost.data import build_sft_iterator, make_task
+    from jaxpost.data import build_sft_iterator, task_from_config
     from jaxpost.models import LM
     from jaxpost.recipes.common import device_put_batch, task_accuracy
     from jaxpost.recipes.common import load_start_params, sft_start
@@ -83,7 +83,7 @@ def main(argv=None) -> None:
         updates = int(args.budget_s // iteration_s)
         log(f"{args.rl_workdir}: {iteration_s:.2f} s per iteration -> {updates} updates in {args.budget_s:.0f} s")
     sft_cfg, sft_dir = sft_start("", args.init_from, rl_cfg.sft, None)
-    task = make_task(sft_cfg.task.name, **sft_cfg.task.kwargs())
+    task = task_from_config(sft_cfg.task)
     tokenizer = load_tokenizer(sft_dir)
     mesh = make_mesh(MeshConfig())
     lm = LM(sft_cfg.model)

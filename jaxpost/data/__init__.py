@@ -21,7 +21,10 @@ from jaxpost.data.preference import (
     read_preference_jsonl,
 )
 from jaxpost.data.sources import DataError, FunctionSource, ListSource, normalize_record, read_jsonl
-from jaxpost.data.tasks import SPLITS, TASKS, ArithmeticTask, Task, make_task
+from jaxpost.data.reasoning import REASONING_TASKS, ReasoningArithmeticTask
+from jaxpost.data.tasks import SPLITS, TASKS, ArithmeticTask, Task, make_task, task_from_config
+
+TASKS.update(REASONING_TASKS)  # make_task("reasoning_arith", ...)
 
 __all__ = [
     "NEAR_MISS_KINDS",
@@ -30,6 +33,7 @@ __all__ = [
     "STATS_KEYS",
     "TASKS",
     "ArithmeticTask",
+    "ReasoningArithmeticTask",
     "DataError",
     "FunctionSource",
     "ListSource",
@@ -47,6 +51,7 @@ __all__ = [
     "kto_records_from_pairs",
     "kto_records_from_samples",
     "make_task",
+    "task_from_config",
     "normalize_kto_record",
     "normalize_preference_record",
     "normalize_record",

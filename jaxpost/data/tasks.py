@@ -15,7 +15,9 @@ until it lands in the requested split.
 from __future__ import annotations
 
 import abc
+import dataclasses
 import functools
+import inspect
 import hashlib
 import random
 import re
@@ -23,7 +25,7 @@ from typing import Any, ClassVar
 
 from jaxpost.data.sources import FunctionSource
 
-__all__ = ["ArithmeticTask", "SPLITS", "TASKS", "Task", "make_task"]
+__all__ = ["ArithmeticTask", "SPLITS", "TASKS", "Task", "make_task", "task_from_config"]
 
 #: Splits every task provides.
 SPLITS: tuple[str, ...] = ("train", "test")
@@ -196,6 +198,23 @@ class ArithmeticTask(Task):
 
 #: Registry of built-in tasks by name.
 TASKS: dict[str, type[Task]] = {"arithmetic": ArithmeticTask}
+
+
+def task_from_config(cfg) -> Task:
+    """The task a `jaxpost.config.TaskConfig` describes, given the parameters its constructor takes. A parameter set
+    away from its default that the task does not take is an error (e.g. trace_fraction on the arithmetic task)."""
+    cls = TASKS.get(cfg.name)
+    if cls is None:
+        raise ValueError(f"unknown task {cfg.name!r}; available: {sorted(TASKS)}")
+    accepted = inspect.signature(cls).parameters
+    defaults = {f.name: f.default for f in dataclasses.fields(cfg)}
+    kwargs = {}
+    for k, v in cfg.kwargs().items():
+        if k in accepted:
+            kwargs[k] = v
+        elif v != defaults[k]:
+            raise ValueError(f"task {cfg.name!r} takes no parameter {k!r} (set to {v!r})")
+    return cls(**kwargs)
 
 
 def make_task(name: str, **kwargs: Any) -> Task:

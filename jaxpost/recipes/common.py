@@ -24,11 +24,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxpost.batch import device_put_batch  # noqa: F401  (re-exported for recipes and tools)
+from jaxpost.batch import device_put_batch, split_microbatches
 from jaxpost.checkpoint import Checkpointer
 from jaxpost.cli import from_config_dict, to_json_dict, write_config
 from jaxpost.config import EvalConfig, ModelConfig
-from jaxpost.data import build_prompt_batches, make_task
+from jaxpost.data import build_prompt_batches, task_from_config
 from jaxpost.models import LM
 from jaxpost.rollout import Sampler, SamplingConfig
 from jaxpost.sharding import make_mesh
@@ -153,7 +153,8 @@ def eval_sampler(lm, mesh, pad_id: int, max_prompt_len: int) -> Sampler:
 def task_accuracy(lm, params, tokenizer, task, examples, cfg: EvalConfig, mesh, *, n_samples: int = 5) -> dict:
     """Fraction of `examples` whose greedy completion (the KV-cache sampler at temperature 0, stopping at the
     tokenizer's stop ids) the task's checker accepts, and the first `n_samples` (prompt, completion, answer)
-    triples."""
+    triples. For a task that tells worked answers from direct ones (`task.has_trace`): `trace_fraction` (of the
+    answers that used the trace), `trace_accuracy` and `direct_accuracy` (None when no answer took that form)."""
     if not examples:
         return {"accuracy": None, "n": 0}
     sampler = eval_sampler(lm, mesh, tokenizer.pad_id, cfg.max_prompt_len)
@@ -161,6 +162,8 @@ def task_accuracy(lm, params, tokenizer, task, examples, cfg: EvalConfig, mesh, 
                               stop_ids=tuple(tokenizer.stop_ids))
     correct, total = 0, 0
     samples = []
+    has_trace = getattr(task, "has_trace", None)
+    by_form = {True: [0, 0], False: [0, 0]}  # traced / direct: [correct, total]
     for batch in build_prompt_batches(examples, tokenizer, batch_size=cfg.batch_size,
                                       max_prompt_len=cfg.max_prompt_len):
         # Every row, filler rows of the last batch included: all batches fall in one bucket (one compile).
@@ -171,10 +174,19 @@ def task_accuracy(lm, params, tokenizer, task, examples, cfg: EvalConfig, mesh, 
             ok = task.check(completion, batch["answers"][row])
             correct += int(ok)
             total += 1
+            if has_trace is not None:
+                form = by_form[bool(has_trace(completion))]
+                form[0] += int(ok)
+                form[1] += 1
             if len(samples) < n_samples:
                 samples.append({"prompt": examples[batch["indices"][row]].get("prompt"),
                                 "completion": completion, "answer": batch["answers"][row], "correct": ok})
-    return {"accuracy": correct / total, "n": total, "samples": samples}
+    out = {"accuracy": correct / total, "n": total, "samples": samples}
+    if has_trace is not None:
+        out["trace_fraction"] = by_form[True][1] / total
+        out["trace_accuracy"] = by_form[True][0] / by_form[True][1] if by_form[True][1] else None
+        out["direct_accuracy"] = by_form[False][0] / by_form[False][1] if by_form[False][1] else None
+    return out
 
 
 def sample_task_completions(lm, params, tokenizer, task, mesh, *, n_prompts: int, samples_per_prompt: int,
@@ -216,6 +228,42 @@ def cached_records(path: str, make, *, what: str) -> list[dict]:
     os.replace(path + ".tmp", path)
     log.info("%s: %s (%.0f s)", what, stats, time.perf_counter() - t0)
     return records
+
+
+def precomputed(path: str, steps: int, batches, score, *, what: str = "reference log-probs") -> np.ndarray:
+    """`score(batch)` of the first `steps` batches of `batches`, stacked [steps, ...] and cached at `path` (written
+    atomically; a cache covering at least `steps` batches is reused): the reference log-probs a preference-style
+    run precomputes once, in training order, so that its step holds no reference weights."""
+    if os.path.exists(path):
+        cached = np.load(path)
+        if cached.shape[0] >= steps:
+            return cached
+    t0 = time.perf_counter()
+    out = np.stack([np.asarray(score(next(batches)), np.float32) for _ in range(steps)])
+    np.save(path + ".tmp.npy", out)
+    os.replace(path + ".tmp.npy", path)
+    log.info("%s of %d batches precomputed (%.0f s)", what, steps, time.perf_counter() - t0)
+    return out
+
+
+def batch_feeder(step_fn, grad_accum: int, *, unit_key: str, per_process: int, start_step: int,
+                 attach=None):
+    """`to_device(batch)` of a recipe: checks that the pipeline gave `per_process` units (the length of
+    `batch[unit_key]`), adds per-step arrays (`attach(batch, step) -> batch`, e.g. the precomputed reference
+    log-probs of that step), splits the batch into micro-batches and places it by the step's shardings."""
+    counter = {"step": start_step}
+
+    def to_device(batch):
+        if batch[unit_key].shape[0] != per_process:
+            raise ValueError(f"data pipeline gave {batch[unit_key].shape[0]} units ({unit_key}) per process, "
+                             f"expected {per_process}")
+        if attach is not None:
+            batch = attach(batch, counter["step"])
+        counter["step"] += 1
+        return device_put_batch(split_microbatches(batch, grad_accum, keys=step_fn.batch_shardings),
+                                step_fn.batch_shardings)
+
+    return to_device
 
 
 # ---- the run skeleton ------------------------------------------------------------------------------------------
@@ -347,7 +395,7 @@ def open_sft_start(workdir: str, init_from: str, sft_cfg, train_sft):
     """(SFT config, SFT workdir, task, tokenizer) of a post-training run: `sft_start`, its task, and its tokenizer
     (copied into `workdir`)."""
     sft_cfg, sft_dir = sft_start(workdir, init_from, sft_cfg, train_sft)
-    task = make_task(sft_cfg.task.name, **sft_cfg.task.kwargs())
+    task = task_from_config(sft_cfg.task)
     tokenizer = load_tokenizer(sft_dir)
     save_tokenizer(tokenizer, workdir)
     return sft_cfg, sft_dir, task, tokenizer

@@ -18,21 +18,18 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
-import time
 
 import jax
 import numpy as np
 
-from jaxpost.batch import device_put_batch, split_microbatches
 from jaxpost.config import DataConfig, EvalConfig, LoRAConfig, MeshConfig, OptimConfig, TrainConfig
 from jaxpost.data.preference import (arithmetic_preference_records, build_preference_iterator,
                                      preference_records_from_samples)
 from jaxpost.losses import DPO_LOSSES, REFERENCE_FREE_LOSSES
 from jaxpost.models import LM
 from jaxpost.recipes import sft as sft_recipe
-from jaxpost.recipes.common import (Run, cached_records, load_start_params, open_sft_start, sample_accuracy,
-                                    sample_task_completions, task_evaluator)
+from jaxpost.recipes.common import (Run, batch_feeder, cached_records, load_start_params, open_sft_start,
+                                    precomputed, sample_accuracy, sample_task_completions, task_evaluator)
 from jaxpost.train.dpo import Preference, get_preference_loss, make_reference_logps
 from jaxpost.train.optim import make_optimizer
 from jaxpost.train.state import abstract_train_state, new_train_state, state_shardings, trainable_of
@@ -115,19 +112,9 @@ def _iterator(cfg: DPOConfig, records, tokenizer):
 
 def precompute_reference(cfg: DPOConfig, lm, params, records, tokenizer, mesh, path: str) -> np.ndarray:
     """Reference log-probs [steps, rows] of this process's rows of every training batch, in training order."""
-    if os.path.exists(path):
-        ref = np.load(path)
-        if ref.shape[0] >= cfg.steps:
-            return ref
-    t0 = time.perf_counter()
     rows = 2 * (cfg.data.batch_size // jax.process_count())
     fn = make_reference_logps(lm, mesh, lm.param_shardings(mesh), rows=rows, logprobs_impl=cfg.logprobs_impl)
-    it = _iterator(cfg, records, tokenizer)
-    out = np.stack([np.asarray(fn(params, next(it))) for _ in range(cfg.steps)]).astype(np.float32)
-    np.save(path + ".tmp.npy", out)
-    os.replace(path + ".tmp.npy", path)
-    log.info("reference log-probs of %d batches precomputed (%.0f s)", cfg.steps, time.perf_counter() - t0)
-    return out
+    return precomputed(path, cfg.steps, _iterator(cfg, records, tokenizer), lambda batch: fn(params, batch))
 
 
 def run(cfg: DPOConfig, workdir: str, *, stop_at: int | None = None) -> dict | None:
@@ -172,18 +159,9 @@ def run(cfg: DPOConfig, workdir: str, *, stop_at: int | None = None) -> dict | N
                            logprobs_impl=cfg.logprobs_impl)
     step_fn = make_step(lm, tx, schedule, objective, mesh=mesh, state_shardings=shardings, units=cfg.data.batch_size,
                         grad_accum=cfg.train.grad_accum)
-    pairs_per_process = cfg.data.batch_size // jax.process_count()
-    counter = {"step": run.start_step}
-
-    def to_device(batch):
-        if batch["pair_mask"].shape[0] != pairs_per_process:
-            raise ValueError(f"data pipeline gave {batch['pair_mask'].shape[0]} pairs per process, "
-                             f"expected {pairs_per_process}")
-        if ref_logps is not None:
-            batch = dict(batch, ref_logps=ref_logps[counter["step"]])
-        counter["step"] += 1
-        return device_put_batch(split_microbatches(batch, cfg.train.grad_accum, keys=step_fn.batch_shardings),
-                                step_fn.batch_shardings)
+    to_device = batch_feeder(step_fn, cfg.train.grad_accum, unit_key="pair_mask",
+                             per_process=cfg.data.batch_size // jax.process_count(), start_step=run.start_step,
+                             attach=None if ref_logps is None else lambda b, step: dict(b, ref_logps=ref_logps[step]))
 
     state = run.train(lambda st, b: step_fn(st, ref_params, b), state, batches, to_device=to_device,
                       evaluate=lambda st: {"eval_accuracy": evaluate(st.params)},

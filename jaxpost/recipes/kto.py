@@ -25,21 +25,19 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
-import time
 
 import jax
 import numpy as np
 
-from jaxpost.batch import ROW_KEYS, device_put_batch, split_microbatches
+from jaxpost.batch import ROW_KEYS
 from jaxpost.config import DataConfig, EvalConfig, LoRAConfig, MeshConfig, OptimConfig, TrainConfig
 from jaxpost.data.preference import (arithmetic_preference_records, build_kto_iterator, kto_records_from_pairs,
                                      kto_records_from_samples)
 from jaxpost.losses import UNPAIRED_LOSSES
 from jaxpost.models import LM
 from jaxpost.recipes import sft as sft_recipe
-from jaxpost.recipes.common import (Run, cached_records, load_start_params, open_sft_start, sample_accuracy,
-                                    sample_task_completions, task_evaluator)
+from jaxpost.recipes.common import (Run, batch_feeder, cached_records, load_start_params, open_sft_start,
+                                    precomputed, sample_accuracy, sample_task_completions, task_evaluator)
 from jaxpost.train.dpo import make_reference_logps
 from jaxpost.train.kto import Unpaired
 from jaxpost.train.optim import make_optimizer
@@ -137,24 +135,13 @@ def _iterator(cfg: KTOConfig, records, tokenizer):
 def precompute_reference(cfg: KTOConfig, lm, params, records, tokenizer, mesh, path: str) -> np.ndarray:
     """Reference log-probs [steps, 2, rows] (the examples, then their KL rows) of this process's rows of every
     training batch, in training order."""
-    if os.path.exists(path):
-        ref = np.load(path)
-        if ref.shape[0] >= cfg.steps:
-            return ref
-    t0 = time.perf_counter()
     rows = cfg.data.batch_size // jax.process_count()
     fn = make_reference_logps(lm, mesh, lm.param_shardings(mesh), rows=rows, logprobs_impl=cfg.logprobs_impl)
-    it = _iterator(cfg, records, tokenizer)
-    out = []
-    for _ in range(cfg.steps):
-        batch = next(it)
-        kl_rows = {k: batch["kl_" + k] for k in ROW_KEYS}
-        out.append([np.asarray(fn(params, batch)), np.asarray(fn(params, kl_rows))])
-    out = np.asarray(out, np.float32)
-    np.save(path + ".tmp.npy", out)
-    os.replace(path + ".tmp.npy", path)
-    log.info("reference log-probs of %d batches precomputed (%.0f s)", cfg.steps, time.perf_counter() - t0)
-    return out
+
+    def score(batch):
+        return [fn(params, batch), fn(params, {k: batch["kl_" + k] for k in ROW_KEYS})]
+
+    return precomputed(path, cfg.steps, _iterator(cfg, records, tokenizer), score)
 
 
 def run(cfg: KTOConfig, workdir: str, *, stop_at: int | None = None) -> dict | None:
@@ -201,18 +188,11 @@ def run(cfg: KTOConfig, workdir: str, *, stop_at: int | None = None) -> dict | N
                          logprobs_impl=cfg.logprobs_impl)
     step_fn = make_step(lm, tx, schedule, objective, mesh=mesh, state_shardings=shardings, units=cfg.data.batch_size,
                         grad_accum=cfg.train.grad_accum)
-    per_process = cfg.data.batch_size // jax.process_count()
-    counter = {"step": run.start_step}
-
-    def to_device(batch):
-        if batch["label"].shape[0] != per_process:
-            raise ValueError(f"data pipeline gave {batch['label'].shape[0]} examples per process, "
-                             f"expected {per_process}")
-        if ref_logps is not None:
-            batch = dict(batch, ref_logps=ref_logps[counter["step"], 0], ref_kl_logps=ref_logps[counter["step"], 1])
-        counter["step"] += 1
-        return device_put_batch(split_microbatches(batch, cfg.train.grad_accum, keys=step_fn.batch_shardings),
-                                step_fn.batch_shardings)
+    to_device = batch_feeder(
+        step_fn, cfg.train.grad_accum, unit_key="label", per_process=cfg.data.batch_size // jax.process_count(),
+        start_step=run.start_step,
+        attach=None if ref_logps is None else lambda b, step: dict(b, ref_logps=ref_logps[step, 0],
+                                                                     ref_kl_logps=ref_logps[step, 1]))
 
     state = run.train(lambda st, b: step_fn(st, ref_params, b), state, batches, to_device=to_device,
                       evaluate=lambda st: {"eval_accuracy": evaluate(st.params)},

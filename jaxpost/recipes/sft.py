@@ -20,7 +20,7 @@ import jax
 from jaxpost.config import (DataConfig, EvalConfig, LoRAConfig, MeshConfig, ModelConfig, OptimConfig, TaskConfig,
                             TrainConfig)
 from jaxpost.batch import device_put_batch, split_microbatches
-from jaxpost.data import build_sft_iterator, make_task, read_jsonl
+from jaxpost.data import build_sft_iterator, read_jsonl, task_from_config
 from jaxpost.models import LM
 from jaxpost.models.lora import save_adapters
 from jaxpost.recipes.common import (Run, export_hf, load_or_make_tokenizer, load_pretrained, pretrained_config,
@@ -73,7 +73,7 @@ def run(cfg: SFTConfig, workdir: str, *, stop_at: int | None = None) -> dict | N
     run = Run(cfg, workdir, stop_at=stop_at)
     mesh = run.mesh
 
-    task = make_task(cfg.task.name, **cfg.task.kwargs())
+    task = task_from_config(cfg.task)
     tokenizer = load_or_make_tokenizer(workdir, task, path=cfg.tokenizer_path or cfg.init_from or None,
                                        vocab_size=cfg.tokenizer_vocab)
     if tokenizer.vocab_size > cfg.model.vocab_size:
