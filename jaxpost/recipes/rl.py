@@ -90,6 +90,11 @@ from jaxpost.train.state import abstract_train_state, new_train_state, state_sha
 log = logging.getLogger("jaxpost")
 
 
+#: What the held-out evaluation of a task reports (`task_accuracy`): accuracy, and for a task with worked answers
+#: the fraction of greedy answers that used the trace and the accuracy of each form.
+EVAL_KEYS = ("accuracy", "trace_fraction", "trace_accuracy", "direct_accuracy")
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class RLConfig:
     """RL from an SFT start on a built-in task or your own prompts (module docstring). `steps` counts RL iterations
@@ -304,7 +309,11 @@ def run(cfg: RLConfig, workdir: str, *, stop_at: int | None = None) -> dict | No
     if ref_params is None:
         del start_params
 
-    rewards = build_reward_set(specs, task=task, timeout_s=cfg.reward_timeout_s, aggregation=cfg.reward_aggregation)
+    # a task with worked answers: the fraction of samples that use the trace is measured (weight 0: not rewarded)
+    traced = train_file is None and hasattr(task, "has_trace")
+    observe = {"trace": lambda prompt, completion, **_: float(task.has_trace(completion))} if traced else None
+    rewards = build_reward_set(specs, task=task, timeout_s=cfg.reward_timeout_s, aggregation=cfg.reward_aggregation,
+                               observe=observe)
     learned = None
     if cfg.reward_model:
         rm_model, rm_params = load_reward_model(cfg.reward_model, sft_cfg.model, mesh)
@@ -318,7 +327,7 @@ def run(cfg: RLConfig, workdir: str, *, stop_at: int | None = None) -> dict | No
     # Held-out evaluation: eval_jsonl (greedy, the function rewards summed), else the task's test split when the
     # prompts are the task's, else none.
     plots = ("reward_mean", "accuracy", "eval_accuracy", "kl_ref_k3", "entropy", "clip_frac", "response_length",
-             "zero_adv_group_frac")
+             "zero_adv_group_frac") + (("reward/trace", "eval_trace_fraction") if traced else ())
     if eval_file is not None:
         eval_rewards = build_reward_set(specs, task=task, timeout_s=cfg.reward_timeout_s, aggregation="sum")
         evaluate = reward_evaluator(lm, tokenizer, eval_file[0], eval_rewards, cfg.eval, mesh,
@@ -334,12 +343,16 @@ def run(cfg: RLConfig, workdir: str, *, stop_at: int | None = None) -> dict | No
         eval_metrics = None
     else:
         evaluate = task_evaluator(lm, tokenizer, task, cfg.eval, mesh, params_of=lambda params: params["policy"])
-        if "accuracy_before" not in run.meta:
-            run.once("accuracy_before", lambda: evaluate(state.params))
-            run.metrics.write({"step": 0, "eval_accuracy": run.meta["accuracy_before"]})
 
-        def eval_metrics(params):
-            return {"eval_accuracy": evaluate(params)}
+        def eval_metrics(params, full=None):
+            full = full or evaluate(params, full=True)
+            return {f"eval_{k}": full[k] for k in EVAL_KEYS if full.get(k) is not None}
+
+        if "accuracy_before" not in run.meta:
+            before = evaluate(state.params, full=True)
+            run.once("accuracy_before", lambda: before["accuracy"])
+            run.meta["eval_before"] = eval_metrics(None, before)
+            run.metrics.write({"step": 0, **run.meta["eval_before"]})
 
     # Each iteration draws its prompt batches from the prompt source itself (more than one under dynamic sampling).
     state = run.train(trainer.iteration, state, itertools.repeat(prompts),
@@ -359,9 +372,14 @@ def run(cfg: RLConfig, workdir: str, *, stop_at: int | None = None) -> dict | No
         head = {"accuracy_before": None, "accuracy_after": None, "samples": []}
     else:
         final = evaluate(state.params, full=True)
-        run.metrics.write({"step": cfg.steps, "eval_accuracy": final["accuracy"]})
+        after = eval_metrics(None, final)
+        run.metrics.write({"step": cfg.steps, **after})
         head = {"accuracy_before": run.meta["accuracy_before"], "accuracy_after": final["accuracy"],
                 "samples": final["samples"]}
+        if traced:
+            before = run.meta.get("eval_before", {})
+            head.update({f"{k}_{when}": m.get(f"eval_{k}") for k in EVAL_KEYS[1:]
+                         for when, m in (("before", before), ("after", after))})
     return run.finish({**head, "estimator": cfg.advantage.estimator,
                        "policy_loss": cfg.loss.policy_loss, "value": cfg.value,
                        "rl_time_s": time.perf_counter() - t_rl, "sft_dir": sft_dir},

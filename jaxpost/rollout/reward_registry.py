@@ -34,7 +34,7 @@ import dataclasses
 import importlib
 import inspect
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from jaxpost.rollout.rewards import REWARD_AGGREGATIONS, RewardFn, RewardSet, digit_match_reward, task_reward
@@ -221,10 +221,16 @@ def accuracy_reward_name(specs: Sequence[RewardSpec], accuracy_reward: str = "")
 
 
 def build_reward_set(specs: Sequence[RewardSpec], *, task=None, timeout_s: float | None = 10.0,
-                     aggregation: str = "sum") -> RewardSet:
-    """The `RewardSet` of checked entries (functions resolved for `task`, keyed by name, weighted)."""
+                     aggregation: str = "sum", observe: Mapping[str, Callable] | None = None) -> RewardSet:
+    """The `RewardSet` of checked entries (functions resolved for `task`, keyed by name, weighted). `observe`: more
+    functions with weight 0, measured and logged (`reward/<name>`) but not rewarded (e.g. whether a completion used
+    a worked trace)."""
     if aggregation not in REWARD_AGGREGATIONS:
         raise ValueError(f"aggregation must be one of {REWARD_AGGREGATIONS}, got {aggregation!r}")
     functions = {s.name: resolve_reward(s.source, task=task) for s in specs}
-    return RewardSet(functions, weights={s.name: s.weight for s in specs}, timeout_s=timeout_s,
-                     aggregation=aggregation)
+    weights = {s.name: s.weight for s in specs}
+    for name, fn in (observe or {}).items():
+        if name in functions:
+            raise ValueError(f"observed function {name!r} has the name of a reward")
+        functions[name], weights[name] = fn, 0.0
+    return RewardSet(functions, weights=weights, timeout_s=timeout_s, aggregation=aggregation)
