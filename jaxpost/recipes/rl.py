@@ -82,6 +82,7 @@ from jaxpost.rollout import SamplingConfig
 from jaxpost.rollout.reward_registry import RewardSpec, accuracy_reward_name, build_reward_set, parse_rewards
 from jaxpost.rollout.rewards import REWARD_AGGREGATIONS, LearnedReward, RewardSet
 from jaxpost.tokenizers import decode_completion
+from jaxpost.train.loop import read_metrics
 from jaxpost.train.optim import make_optimizer
 from jaxpost.train.rl import PolicyModel
 from jaxpost.train.rl_loop import RLTrainer
@@ -163,6 +164,22 @@ class RLConfig:
             names.append("digit_match")
             weights.append(self.digit_match_weight)
         return parse_rewards(",".join(names), ",".join(repr(float(w)) for w in weights))
+
+
+def training_curves(metrics_path: str, keys, *, window: int = 10) -> dict:
+    """{"curves": {key: [[iteration, value], ...]}, "<key>_first10", "<key>_last10"}: the per-iteration curves of
+    `keys` in metrics.jsonl and their means over the first and last `window` iterations (e.g. whether the training
+    reward rose)."""
+    records = [r for r in read_metrics(metrics_path) if r.get("step", 0) > 0]
+    out = {"curves": {}}
+    for key in keys:
+        pts = [[r["step"], r[key]] for r in records if r.get(key) is not None]
+        out["curves"][key] = pts
+        if pts:
+            name = key.replace("/", "_")
+            out[f"{name}_first{window}"] = float(np.mean([v for _, v in pts[:window]]))
+            out[f"{name}_last{window}"] = float(np.mean([v for _, v in pts[-window:]]))
+    return out
 
 
 def load_reward_model(path: str, model_cfg, mesh):
@@ -380,9 +397,11 @@ def run(cfg: RLConfig, workdir: str, *, stop_at: int | None = None) -> dict | No
             before = run.meta.get("eval_before", {})
             head.update({f"{k}_{when}": m.get(f"eval_{k}") for k in EVAL_KEYS[1:]
                          for when, m in (("before", before), ("after", after))})
+    curves = training_curves(run.path("metrics.jsonl"), ("reward_mean", "response_length") +
+                             (("reward/trace",) if traced else ()))
     return run.finish({**head, "estimator": cfg.advantage.estimator,
                        "policy_loss": cfg.loss.policy_loss, "value": cfg.value,
-                       "rl_time_s": time.perf_counter() - t_rl, "sft_dir": sft_dir},
+                       "rl_time_s": time.perf_counter() - t_rl, "sft_dir": sft_dir, **curves},
                       plots=plots, filename="rl.png",
                       title=f"{cfg.advantage.estimator} / {cfg.loss.policy_loss} from the SFT start",
                       xlabel="iteration")
