@@ -63,7 +63,8 @@ def sft_single_and_sharded(lm, tx, schedule, batch: dict, shape, *, grad_accum: 
     out = []
     for mesh in (single_device_mesh(), mesh_of(*shape)):
         state, shardings = create_train_state(lm, tx, mesh, seed=0)
-        step = make_step(lm, tx, schedule, SFT(lm), mesh=mesh, state_shardings=shardings, units=rows, grad_accum=grad_accum)
+        step = make_step(lm, tx, schedule, SFT(lm),
+                         mesh=mesh, state_shardings=shardings, units=rows, grad_accum=grad_accum)
         for _ in range(steps):
             state, metrics = step(state, batch)
         out.append((jax.device_get(metrics), jax.device_get(state.params), state))

@@ -22,4 +22,5 @@ def test_every_subpackage_has_a_layer_and_models_and_losses_stay_apart():
 
 def test_the_checker_finds_a_circle_and_an_upward_import():
     assert cycles({"a": {"b"}, "b": {"a"}, "c": set()}) == [["a", "b"]]
-    assert upward_imports({"jaxpost.models.lm": {"jaxpost.train.step"}}) == [("jaxpost.models.lm", "jaxpost.train.step")]
+    up = upward_imports({"jaxpost.models.lm": {"jaxpost.train.step"}})
+    assert up == [("jaxpost.models.lm", "jaxpost.train.step")]

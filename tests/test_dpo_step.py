@@ -41,7 +41,8 @@ def test_policy_equal_to_reference_gives_log_2_and_zero_rewards():
     lm, params = cached_lm(tiny_config())
     batch = split_microbatches(pair_batch(np.random.default_rng(0), 4, 12), 1)
     tx, state = _sgd_state(params)
-    step = jax.jit(step_fn(lm, tx, optax.constant_schedule(1.0), Preference(lm, loss="sigmoid", loss_kwargs={"beta": 0.1})))
+    step = jax.jit(step_fn(lm, tx, optax.constant_schedule(1.0), Preference(lm, loss="sigmoid",
+                           loss_kwargs={"beta": 0.1})))
     _, m = step(state, params, batch)
     np.testing.assert_allclose(float(m["loss"]), np.log(2.0), rtol=1e-6)
     assert float(m["chosen_rewards"]) == 0.0 and float(m["margins"]) == 0.0
@@ -55,7 +56,8 @@ def test_loss_and_gradient_do_not_depend_on_the_micro_batch_split_and_skip_paddi
     batch["pair_mask"][5] = 0.0  # a padding pair: it must change nothing
     _, ref_params = lm, jax.tree.map(lambda x: x * 0.9, params)  # a different reference, so the loss is not log 2
     tx, state = _sgd_state(params)
-    step = jax.jit(step_fn(lm, tx, optax.constant_schedule(1.0), Preference(lm, loss="sigmoid", loss_kwargs={"beta": 0.5, "sft_weight": 0.3})))
+    objective = Preference(lm, loss="sigmoid", loss_kwargs={"beta": 0.5, "sft_weight": 0.3})
+    step = jax.jit(step_fn(lm, tx, optax.constant_schedule(1.0), objective))
     results = [step(state, ref_params, split_microbatches(batch, a)) for a in (1, 4)]
     for s, m in results[1:]:
         np.testing.assert_allclose(float(m["loss"]), float(results[0][1]["loss"]), rtol=1e-5)
@@ -79,8 +81,10 @@ def test_precomputed_reference_equals_the_held_reference_model():
         sequence_logps(lm, ref_params, {k: jnp.asarray(v) for k, v in batch.items()})[0]), rtol=1e-6)
     tx, state = _sgd_state(params)
     sched = optax.constant_schedule(1.0)
-    held = jax.jit(step_fn(lm, tx, sched, Preference(lm, loss="ipo", loss_kwargs={"beta": 0.1})))
-    precomputed = jax.jit(step_fn(lm, tx, sched, Preference(lm, loss="ipo", loss_kwargs={"beta": 0.1}, reference="precomputed")))
+    held = jax.jit(step_fn(lm, tx, sched, Preference(lm, loss="ipo",
+                           loss_kwargs={"beta": 0.1})))
+    precomputed = jax.jit(step_fn(lm, tx, sched, Preference(lm, loss="ipo", loss_kwargs={"beta": 0.1},
+                                                            reference="precomputed")))
     s1, m1 = held(state, ref_params, split_microbatches(batch, 2))
     s2, m2 = precomputed(state, None, split_microbatches(pre, 2))
     np.testing.assert_allclose(float(m1["loss"]), float(m2["loss"]), rtol=1e-5)
@@ -114,7 +118,8 @@ def test_sharded_step_equals_single_device(shape):
     for name, mesh in (("single", single_device_mesh()), ("sharded", mesh_of(*shape))):
         state, shardings = create_train_state(lm, tx, mesh, seed=0)
         ref_params = jax.tree.map(lambda x: x * 0.95, state.params)  # sharded like the policy
-        step = make_step(lm, tx, schedule, Preference(lm, loss="sigmoid", loss_kwargs={"beta": 0.2}), mesh=mesh, state_shardings=shardings, units=16, grad_accum=2)
+        step = make_step(lm, tx, schedule, Preference(lm, loss="sigmoid", loss_kwargs={"beta": 0.2}), mesh=mesh,
+                         state_shardings=shardings, units=16, grad_accum=2)
         for _ in range(2):
             state, metrics = step(state, ref_params, batch)
         out[name] = (jax.device_get(metrics), jax.device_get(state.params))

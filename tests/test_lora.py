@@ -213,7 +213,8 @@ def test_sharded_lora_sft_step_equals_single_device(shape):
 def test_dpo_step_with_the_base_model_as_reference():
     base_lm, base, lm, params = lora_setup()
     tx = optax.sgd(0.5)
-    step = jax.jit(step_fn(lm, tx, optax.constant_schedule(0.5), Preference(lm, loss="sigmoid", loss_kwargs={"beta": 0.1}, reference="model")))
+    step = jax.jit(step_fn(lm, tx, optax.constant_schedule(0.5), Preference(lm, loss="sigmoid",
+                           loss_kwargs={"beta": 0.1}, reference="model")))
     batch = split_microbatches(pair_batch(np.random.default_rng(7), 4, 16), 2)
     state = new_train_state(lm, tx, params, jax.random.PRNGKey(0))
     state, m0 = step(state, None, batch)
@@ -254,7 +255,8 @@ def test_rl_step_and_scorer_with_a_lora_policy_and_a_value_head():
     # Adam state: policy adapters and the value head only
     n_opt = sum(x.size for x in jax.tree.leaves(state.opt_state) if x.ndim > 0)
     assert n_opt == 2 * sum(x.size for x in jax.tree.leaves(trainable_of(model, full)))
-    state, metrics = jax.jit(step_fn(model, tx, optax.constant_schedule(1e-2), PolicyGradient(model, loss_cfg)))(state, batch)
+    step = jax.jit(step_fn(model, tx, optax.constant_schedule(1e-2), PolicyGradient(model, loss_cfg)))
+    state, metrics = step(state, batch)
     np.testing.assert_allclose(float(metrics["ratio"]), 1.0, atol=1e-5)
     new = jax.device_get(state.params)
     assert max_abs_diff(base_params(new["policy"]), base) == 0.0

@@ -146,7 +146,8 @@ def test_sharded_step_equals_single_device(value):
     out = {}
     for name, mesh in (("one", single_device_mesh()), ("2x2x2", mesh_of(2, 2, 2))):
         state, sh = make_state(model, params, tx, mesh)
-        step = make_step(model, tx, optax.constant_schedule(0.5), PolicyGradient(model, loss_cfg), mesh=mesh, state_shardings=sh, units=16, grad_accum=2)
+        step = make_step(model, tx, optax.constant_schedule(0.5), PolicyGradient(model, loss_cfg),
+                         mesh=mesh, state_shardings=sh, units=16, grad_accum=2)
         mb = {k: jax.device_put(v, step.batch_shardings[k]) for k, v in split_microbatches(batch, 2).items()}
         state, m = step(state, mb)
         state, m = step(state, mb)  # a second step: the optimizer state is sharded and reused

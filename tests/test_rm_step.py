@@ -55,7 +55,8 @@ def test_loss_and_gradient_do_not_depend_on_the_micro_batch_split():
     batch = pair_batch(np.random.default_rng(1), 8, 12)
     batch["pair_mask"][3] = 0.0
     tx, state = _sgd_state(params)
-    step = jax.jit(step_fn(model, tx, optax.constant_schedule(1.0), PairwiseReward(model, loss_kwargs={"center_rewards_coefficient": 0.01})))
+    step = jax.jit(step_fn(model, tx, optax.constant_schedule(1.0), PairwiseReward(model,
+                           loss_kwargs={"center_rewards_coefficient": 0.01})))
     results = [step(state, split_microbatches(batch, a)) for a in (1, 4)]
     for s, m in results[1:]:
         np.testing.assert_allclose(float(m["loss"]), float(results[0][1]["loss"]), rtol=1e-5)
@@ -75,7 +76,8 @@ def test_sharded_step_equals_single_device(shape):
     out = {}
     for name, mesh in (("single", single_device_mesh()), ("sharded", mesh_of(*shape))):
         state, shardings = create_train_state(model, tx, mesh, seed=0)
-        step = make_step(model, tx, schedule, PairwiseReward(model), mesh=mesh, state_shardings=shardings, units=16, grad_accum=2)
+        step = make_step(model, tx, schedule, PairwiseReward(model), mesh=mesh, state_shardings=shardings, units=16,
+                         grad_accum=2)
         for _ in range(2):
             state, metrics = step(state, batch)
         out[name] = (jax.device_get(metrics), jax.device_get(state.params))

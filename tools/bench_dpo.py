@@ -57,7 +57,8 @@ def run_case(reference: str, preset: str, vocab: int, pairs: int, seq_len: int, 
     if reference == "precomputed":
         batch["ref_logps"] = rng.normal(-100.0, 5.0, R).astype(np.float32)
     batch = split_microbatches(batch, 1)
-    step = make_step(lm, tx, optax.constant_schedule(1e-5), Preference(lm, loss="sigmoid", loss_kwargs={"beta": 0.1}, reference=reference), mesh=mesh, state_shardings=shardings, units=pairs, grad_accum=1)
+    step = make_step(lm, tx, optax.constant_schedule(1e-5), Preference(lm, loss="sigmoid", loss_kwargs={"beta": 0.1},
+                     reference=reference), mesh=mesh, state_shardings=shardings, units=pairs, grad_accum=1)
     batch = {k: jax.device_put(v, step.batch_shardings[k]) for k, v in batch.items()}
     with jax.set_mesh(mesh):
         compiled = step.jitted.lower(state, ref_params, batch).compile()

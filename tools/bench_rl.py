@@ -118,7 +118,8 @@ def main(argv=None) -> None:
     sft_state = jax.jit(lambda p: TrainState(step=jax.numpy.zeros((), jax.numpy.int32), params=p,
                                              opt_state=tx.init(p), rng=jax.random.PRNGKey(0)),
                         out_shardings=sft_state_sh)(ref)
-    sft_step = make_step(lm, tx, optax.constant_schedule(1e-5), SFT(lm), mesh=mesh, state_shardings=sft_state_sh, units=ro.rows, grad_accum=1)
+    sft_step = make_step(lm, tx, optax.constant_schedule(1e-5), SFT(lm),
+                         mesh=mesh, state_shardings=sft_state_sh, units=ro.rows, grad_accum=1)
     sb = {k: jax.device_put(v, sft_step.batch_shardings[k])
           for k, v in split_microbatches(batch, 1, keys=sft_step.batch_shardings).items()}
     sft_state, m = sft_step(sft_state, sb)

@@ -95,7 +95,8 @@ def run_case(case: Case, warmup: int, steps: int, matmul_n: int) -> dict:
     lm = LM(cfg)
     tx, schedule = make_optimizer(OptimConfig(), total_steps=1000)
     state, shardings = create_train_state(lm, tx, mesh, seed=0)
-    step = make_step(lm, tx, schedule, SFT(lm, logprobs_impl=case.logprobs_impl), mesh=mesh, state_shardings=shardings, units=B, grad_accum=1)
+    step = make_step(lm, tx, schedule, SFT(lm, logprobs_impl=case.logprobs_impl),
+                     mesh=mesh, state_shardings=shardings, units=B, grad_accum=1)
     rng = np.random.default_rng(0)
     batch = {"inputs": rng.integers(0, cfg.vocab_size, (B, T), dtype=np.int32),
              "targets": rng.integers(0, cfg.vocab_size, (B, T), dtype=np.int32),

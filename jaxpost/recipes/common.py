@@ -355,6 +355,31 @@ class Run:
         return results
 
 
+#: What a held-out task evaluation reports besides accuracy, for a task with worked answers (`task_accuracy`).
+TRACE_KEYS = ("trace_fraction", "trace_accuracy", "direct_accuracy")
+
+
+def evaluate_before(run: Run, evaluate, params) -> None:
+    """Held-out evaluation of the start, once per run: `meta["accuracy_before"]` and, for a task with worked answers,
+    `meta["trace_before"]` (TRACE_KEYS)."""
+    if "accuracy_before" not in run.meta:
+        full = evaluate(params, full=True)
+        run.once("accuracy_before", lambda: full["accuracy"])
+        run.meta["trace_before"] = {k: full[k] for k in TRACE_KEYS if k in full}
+
+
+def task_results(run: Run, final: dict) -> dict:
+    """accuracy_before / accuracy_after, the first samples, and <trace key>_before / _after for a task with worked
+    answers, from the start's evaluation (`evaluate_before`) and the final one (`evaluate(params, full=True)`)."""
+    out = {"accuracy_before": run.meta["accuracy_before"], "accuracy_after": final["accuracy"],
+           "samples": final.get("samples", [])}
+    before = run.meta.get("trace_before", {})
+    for k in TRACE_KEYS:
+        if k in final or k in before:
+            out[f"{k}_before"], out[f"{k}_after"] = before.get(k), final.get(k)
+    return out
+
+
 def task_evaluator(lm, tokenizer, task, cfg: EvalConfig, mesh, *, params_of=lambda params: params):
     """`evaluate(params, full=False)`: held-out greedy accuracy on the task's first `cfg.n_examples` test problems
     (None when n_examples is 0); `full=True` gives `task_accuracy`'s dict with samples. `params_of` picks the

@@ -28,8 +28,9 @@ from jaxpost.data.preference import (arithmetic_preference_records, build_prefer
 from jaxpost.losses import DPO_LOSSES, REFERENCE_FREE_LOSSES
 from jaxpost.models import LM
 from jaxpost.recipes import sft as sft_recipe
-from jaxpost.recipes.common import (Run, batch_feeder, cached_records, load_start_params, open_sft_start,
-                                    precomputed, sample_accuracy, sample_task_completions, task_evaluator)
+from jaxpost.recipes.common import (Run, batch_feeder, cached_records, evaluate_before, load_start_params,
+                                    open_sft_start, precomputed, sample_accuracy, sample_task_completions,
+                                    task_evaluator, task_results)
 from jaxpost.train.dpo import Preference, get_preference_loss, make_reference_logps
 from jaxpost.train.optim import make_optimizer
 from jaxpost.train.state import abstract_train_state, new_train_state, state_shardings, trainable_of
@@ -153,7 +154,7 @@ def run(cfg: DPOConfig, workdir: str, *, stop_at: int | None = None) -> dict | N
         del start_params  # the step holds no reference weights
 
     evaluate = task_evaluator(lm, tokenizer, task, cfg.eval, mesh)
-    run.once("accuracy_before", lambda: evaluate(state.params))
+    evaluate_before(run, evaluate, state.params)
 
     objective = Preference(lm, loss=cfg.loss, loss_kwargs=cfg.loss_kwargs(), reference=cfg.reference,
                            logprobs_impl=cfg.logprobs_impl)
@@ -169,8 +170,7 @@ def run(cfg: DPOConfig, workdir: str, *, stop_at: int | None = None) -> dict | N
     if state is None:
         return None
     final = evaluate(state.params, full=True)
-    return run.finish({"accuracy_before": run.meta["accuracy_before"], "accuracy_after": final["accuracy"],
-                       "samples": final["samples"], "loss": cfg.loss, "reference": cfg.reference,
+    return run.finish({**task_results(run, final), "loss": cfg.loss, "reference": cfg.reference,
                        "pairs": len(records), "sft_dir": sft_dir},
                       plots=("loss", "chosen_rewards", "rejected_rewards", "margins", "accuracies", "eval_accuracy"),
                       filename="dpo.png", title=f"{cfg.loss} from the SFT start ({cfg.pairs} pairs)")

@@ -36,8 +36,9 @@ from jaxpost.data.preference import (arithmetic_preference_records, build_kto_it
 from jaxpost.losses import UNPAIRED_LOSSES
 from jaxpost.models import LM
 from jaxpost.recipes import sft as sft_recipe
-from jaxpost.recipes.common import (Run, batch_feeder, cached_records, load_start_params, open_sft_start,
-                                    precomputed, sample_accuracy, sample_task_completions, task_evaluator)
+from jaxpost.recipes.common import (Run, batch_feeder, cached_records, evaluate_before, load_start_params,
+                                    open_sft_start, precomputed, sample_accuracy, sample_task_completions,
+                                    task_evaluator, task_results)
 from jaxpost.train.dpo import make_reference_logps
 from jaxpost.train.kto import Unpaired
 from jaxpost.train.optim import make_optimizer
@@ -53,8 +54,8 @@ BALANCED_RATIO = (1.0, 4.0 / 3.0)
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class KTOConfig:
-    """KTO (or another `UNPAIRED_LOSSES` loss) from an SFT start on a built-in task's unpaired examples. `data.batch_size`
-    counts examples per optimizer step."""
+    """KTO (or another `UNPAIRED_LOSSES` loss) from an SFT start on a built-in task's unpaired examples.
+    `data.batch_size` counts examples per optimizer step."""
 
     seed: int = 0
     steps: int = 150
@@ -180,7 +181,7 @@ def run(cfg: KTOConfig, workdir: str, *, stop_at: int | None = None) -> dict | N
         del start_params
 
     evaluate = task_evaluator(lm, tokenizer, task, cfg.eval, mesh)
-    run.once("accuracy_before", lambda: evaluate(state.params))
+    evaluate_before(run, evaluate, state.params)
 
     loss_kwargs = cfg.loss_kwargs(desirable_weight=weights["desirable_weight"],
                                   undesirable_weight=weights["undesirable_weight"])
@@ -200,8 +201,7 @@ def run(cfg: KTOConfig, workdir: str, *, stop_at: int | None = None) -> dict | N
     if state is None:
         return None
     final = evaluate(state.params, full=True)
-    return run.finish({"accuracy_before": run.meta["accuracy_before"], "accuracy_after": final["accuracy"],
-                       "samples": final["samples"], "loss": cfg.loss, "reference": cfg.reference,
+    return run.finish({**task_results(run, final), "loss": cfg.loss, "reference": cfg.reference,
                        "examples": len(records), "desirable": n_des, **weights, "sft_dir": sft_dir},
                       plots=("loss", "kl", "chosen_rewards", "rejected_rewards", "margins", "eval_accuracy"),
                       filename="kto.png", title=f"{cfg.loss} from the SFT start ({cfg.examples} examples)")

@@ -23,8 +23,8 @@ from jaxpost.batch import device_put_batch, split_microbatches
 from jaxpost.data import build_sft_iterator, read_jsonl, task_from_config
 from jaxpost.models import LM
 from jaxpost.models.lora import save_adapters
-from jaxpost.recipes.common import (Run, export_hf, load_or_make_tokenizer, load_pretrained, pretrained_config,
-                                    pretrained_hf_config, task_evaluator)
+from jaxpost.recipes.common import (Run, evaluate_before, export_hf, load_or_make_tokenizer, load_pretrained,
+                                    pretrained_config, pretrained_hf_config, task_evaluator, task_results)
 from jaxpost.train.optim import make_optimizer
 from jaxpost.train.sft import SFT
 from jaxpost.train.state import (abstract_train_state, create_train_state, new_train_state, state_shardings,
@@ -108,7 +108,7 @@ def run(cfg: SFTConfig, workdir: str, *, stop_at: int | None = None) -> dict | N
              n_train / 1e6, dict(mesh.shape))
 
     evaluate = task_evaluator(lm, tokenizer, task, cfg.eval, mesh)
-    run.once("accuracy_before", lambda: evaluate(state.params))
+    evaluate_before(run, evaluate, state.params)
 
     rows = cfg.data.batch_size // jax.process_count()
     step_fn = make_step(lm, tx, schedule, SFT(lm, logprobs_impl=cfg.logprobs_impl), mesh=mesh,
@@ -128,9 +128,7 @@ def run(cfg: SFTConfig, workdir: str, *, stop_at: int | None = None) -> dict | N
 
     final = evaluate(state.params, full=True)
     results = {
-        "accuracy_before": run.meta["accuracy_before"],
-        "accuracy_after": final["accuracy"],
-        "samples": final["samples"],
+        **task_results(run, final),
         "n_params": lm.n_params,
         "n_trained_params": n_train,
         "data": batches.stats,
