@@ -9,7 +9,7 @@ are mostly right: the start from which RL can select the trace (DeepSeek-R1-Zero
 Measured (500 held-out problems; 2-core CPU shared with other jobs, load average ~4-7: 430 s of training, 7.6 min
 wall): greedy accuracy 11.8 % with 99.8 % of greedy answers direct; mean P(first token = "Answer") 0.73 (p10 0.61);
 forced trace (the direct first token excluded, then greedy) 69.0 %, a 57-point gap; temperature 1: 26.5 % of
-samples traced, 56 % of those right, accuracy 21.2 %, pass@8 67 %. More runs and trade-offs: docs/lab_notes.md.
+samples traced, 56 % of those right, accuracy 21.2 %, pass@8 67 %. More runs and trade-offs: docs/lab_start.md.
 """
 
 from jaxpost import cli
