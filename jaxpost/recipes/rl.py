@@ -343,8 +343,8 @@ def run(cfg: RLConfig, workdir: str, *, stop_at: int | None = None) -> dict | No
 
     # Held-out evaluation: eval_jsonl (greedy, the function rewards summed), else the task's test split when the
     # prompts are the task's, else none.
-    plots = ("reward_mean", "accuracy", "eval_accuracy", "kl_ref_k3", "entropy", "clip_frac", "response_length",
-             "zero_adv_group_frac") + (("reward/trace", "eval_trace_fraction") if traced else ())
+    plots = (("eval_accuracy", "accuracy") + (("eval_trace_fraction", "reward/trace") if traced else ())
+             + ("response_length", "reward_mean", "kl_ref_k3", "entropy", "clip_frac", "zero_adv_group_frac"))
     if eval_file is not None:
         eval_rewards = build_reward_set(specs, task=task, timeout_s=cfg.reward_timeout_s, aggregation="sum")
         evaluate = reward_evaluator(lm, tokenizer, eval_file[0], eval_rewards, cfg.eval, mesh,

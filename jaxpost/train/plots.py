@@ -52,7 +52,7 @@ def plot_metrics(workdir: str, keys: tuple[str, ...], *, filename: str = "metric
         ax.axis("off")
     if title:
         fig.suptitle(title)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 0.97) if title else None)
     out = os.path.join(workdir, filename)
     fig.savefig(out, dpi=110)
     plt.close(fig)
