@@ -35,7 +35,9 @@ from jaxpost.sharding import make_mesh
 from jaxpost.tokenizers import ChatTokenizer, HFTokenizer, decode_completion, load_tokenizer, train_tokenizer
 from jaxpost.train.loop import MetricsLog, train_loop
 from jaxpost.train.plots import plot_metrics
-from jaxpost.train.state import with_shardings
+from jaxpost.train.optim import make_optimizer
+from jaxpost.train.state import (abstract_train_state, new_train_state, state_shardings, trainable_of,
+                                 with_shardings)
 
 log = logging.getLogger("jaxpost")
 
@@ -393,6 +395,27 @@ def task_evaluator(lm, tokenizer, task, cfg: EvalConfig, mesh, *, params_of=lamb
         return out if full else out["accuracy"]
 
     return evaluate
+
+
+def policy_optimizer(lm, optim_cfg, total_steps: int, mesh):
+    """(tx, schedule, abstract train state, its shardings) of a decoder fine-tuned for `total_steps` steps (the
+    optimizer covers its trainable params: a LoRA model's adapters)."""
+    tx, schedule = make_optimizer(optim_cfg, total_steps, logical_axes=trainable_of(lm, lm.logical_axes))
+    abstract = abstract_train_state(lm, tx)
+    return tx, schedule, abstract, state_shardings(abstract, lm.param_shardings(mesh), tx, mesh, model=lm)
+
+
+def policy_init(lm, tx, start_params, shardings, mesh, *, seed: int):
+    """`init()` of a state starting from `start_params` (decoder params), created sharded: a full model copies the
+    start (which may stay the reference); a LoRA model adds fresh adapters and takes over the base arrays."""
+    def init():
+        init_key, state_key = jax.random.split(jax.random.PRNGKey(seed))
+        params = lm.add_adapters(start_params, init_key, mesh) if lm.lora is not None else start_params
+        donate = (0,) if lm.lora is not None else ()
+        return jax.jit(lambda p, k: new_train_state(lm, tx, p, k), out_shardings=shardings,
+                       donate_argnums=donate)(params, state_key)
+
+    return init
 
 
 # ---- the SFT start of the post-training recipes ---------------------------------------------------------------

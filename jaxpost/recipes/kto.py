@@ -38,11 +38,9 @@ from jaxpost.models import LM
 from jaxpost.recipes import sft as sft_recipe
 from jaxpost.recipes.common import (Run, batch_feeder, cached_records, evaluate_before, load_start_params,
                                     open_sft_start, precomputed, sample_accuracy, sample_task_completions,
-                                    task_evaluator, task_results)
+                                    policy_init, policy_optimizer, task_evaluator, task_results)
 from jaxpost.train.dpo import make_reference_logps
 from jaxpost.train.kto import Unpaired
-from jaxpost.train.optim import make_optimizer
-from jaxpost.train.state import abstract_train_state, new_train_state, state_shardings, trainable_of
 from jaxpost.train.step import make_step
 
 log = logging.getLogger("jaxpost")
@@ -163,19 +161,10 @@ def run(cfg: KTOConfig, workdir: str, *, stop_at: int | None = None) -> dict | N
                                          run.path(f"ref_logps.{jax.process_index()}.npy"))
 
     lm = LM(sft_cfg.model, cfg.lora)
-    tx, schedule = make_optimizer(cfg.optim, cfg.steps, logical_axes=trainable_of(lm, lm.logical_axes))
-    abstract = abstract_train_state(lm, tx)
-    shardings = state_shardings(abstract, lm.param_shardings(mesh), tx, mesh, model=lm)
+    tx, schedule, abstract, shardings = policy_optimizer(lm, cfg.optim, cfg.steps, mesh)
     batches = _iterator(cfg, records, tokenizer)
-
-    def init():
-        init_key, state_key = jax.random.split(jax.random.PRNGKey(cfg.seed))
-        params = lm.add_adapters(start_params, init_key, mesh) if lm.lora is not None else start_params
-        donate = (0,) if lm.lora is not None else ()  # LoRA: the base arrays move into the state
-        return jax.jit(lambda p, k: new_train_state(lm, tx, p, k), out_shardings=shardings,
-                       donate_argnums=donate)(params, state_key)
-
-    state = run.restore_or_init(abstract, shardings, batches, init)
+    state = run.restore_or_init(abstract, shardings, batches,
+                                policy_init(lm, tx, start_params, shardings, mesh, seed=cfg.seed))
     ref_params = start_params if cfg.reference == "model" and lm.lora is None else None
     if ref_params is None:
         del start_params
