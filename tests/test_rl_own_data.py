@@ -196,7 +196,9 @@ def test_recipe_on_a_jsonl_file_with_an_imported_reward(sft_dir, tmp_path):
     saved = json.loads((tmp_path / "run" / "results.json").read_text())
     assert set(saved) == {"accuracy_before", "accuracy_after", "eval_reward_before", "eval_reward_after", "samples",
                           "estimator", "policy_loss", "value", "rl_time_s", "sft_dir", "steps", "resumed_from_step",
-                          "train_time_s", "wall_time_s"}
+                          "train_time_s", "wall_time_s", "curves", "reward_mean_first10", "reward_mean_last10",
+                          "response_length_first10", "response_length_last10"}
+    assert [it for it, _ in saved["curves"]["reward_mean"]] == [1, 2]
     assert saved["steps"] == 2 and res["accuracy_after"] == saved["accuracy_after"]
     for key in ("accuracy_before", "accuracy_after"):
         assert 0.0 <= saved[key] <= 1.0
