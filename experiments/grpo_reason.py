@@ -23,7 +23,7 @@ from jaxpost.config import OptimConfig, RLLossConfig, RolloutConfig, TrainConfig
 from jaxpost.recipes import rl
 
 CONFIG = rl.RLConfig(
-    steps=30,
+    steps=20,
     sft=sft_reason.CONFIG,
     rollout=RolloutConfig(prompts_per_step=32, group_size=8, max_new_tokens=72, max_prompt_len=16),
     loss=RLLossConfig(eps_high=0.28),
