@@ -76,8 +76,8 @@ from jaxpost.data.sources import DataError, read_jsonl
 from jaxpost.models import LM
 from jaxpost.models.heads import ScalarHeadLM
 from jaxpost.recipes import sft as sft_recipe
-from jaxpost.recipes.common import (Run, eval_sampler, load_params, load_start_params, open_sft_start,
-                                    task_evaluator)
+from jaxpost.recipes.common import (TRACE_KEYS, Run, eval_sampler, evaluate_before, load_params, load_start_params,
+                                    open_sft_start, task_evaluator, task_results)
 from jaxpost.rollout import SamplingConfig
 from jaxpost.rollout.reward_registry import RewardSpec, accuracy_reward_name, build_reward_set, parse_rewards
 from jaxpost.rollout.rewards import REWARD_AGGREGATIONS, LearnedReward, RewardSet
@@ -89,11 +89,6 @@ from jaxpost.train.rl_loop import RLTrainer
 from jaxpost.train.state import abstract_train_state, new_train_state, state_shardings, trainable_of
 
 log = logging.getLogger("jaxpost")
-
-
-#: What the held-out evaluation of a task reports (`task_accuracy`): accuracy, and for a task with worked answers
-#: the fraction of greedy answers that used the trace and the accuracy of each form.
-EVAL_KEYS = ("accuracy", "trace_fraction", "trace_accuracy", "direct_accuracy")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -363,13 +358,12 @@ def run(cfg: RLConfig, workdir: str, *, stop_at: int | None = None) -> dict | No
 
         def eval_metrics(params, full=None):
             full = full or evaluate(params, full=True)
-            return {f"eval_{k}": full[k] for k in EVAL_KEYS if full.get(k) is not None}
+            return {f"eval_{k}": full[k] for k in ("accuracy",) + TRACE_KEYS if full.get(k) is not None}
 
         if "accuracy_before" not in run.meta:
-            before = evaluate(state.params, full=True)
-            run.once("accuracy_before", lambda: before["accuracy"])
-            run.meta["eval_before"] = eval_metrics(None, before)
-            run.metrics.write({"step": 0, **run.meta["eval_before"]})
+            evaluate_before(run, evaluate, state.params)
+            run.metrics.write({"step": 0, **eval_metrics(None, {"accuracy": run.meta["accuracy_before"],
+                                                                  **run.meta["trace_before"]})})
 
     # Each iteration draws its prompt batches from the prompt source itself (more than one under dynamic sampling).
     state = run.train(trainer.iteration, state, itertools.repeat(prompts),
@@ -389,14 +383,8 @@ def run(cfg: RLConfig, workdir: str, *, stop_at: int | None = None) -> dict | No
         head = {"accuracy_before": None, "accuracy_after": None, "samples": []}
     else:
         final = evaluate(state.params, full=True)
-        after = eval_metrics(None, final)
-        run.metrics.write({"step": cfg.steps, **after})
-        head = {"accuracy_before": run.meta["accuracy_before"], "accuracy_after": final["accuracy"],
-                "samples": final["samples"]}
-        if traced:
-            before = run.meta.get("eval_before", {})
-            head.update({f"{k}_{when}": m.get(f"eval_{k}") for k in EVAL_KEYS[1:]
-                         for when, m in (("before", before), ("after", after))})
+        run.metrics.write({"step": cfg.steps, **eval_metrics(None, final)})
+        head = task_results(run, final)
     curves = training_curves(run.path("metrics.jsonl"), ("reward_mean", "response_length") +
                              (("reward/trace",) if traced else ()))
     return run.finish({**head, "estimator": cfg.advantage.estimator,

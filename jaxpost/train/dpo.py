@@ -38,6 +38,22 @@ def sequence_logps(lm, params, mb: dict, *, logprobs_impl: str = "auto", adapter
     return jnp.sum(logp_RT * mask_RT, axis=-1), jnp.sum(mask_RT, axis=-1)
 
 
+def reference_sequence_logps(lm, params, ref_params, rows: dict, *, logprobs_impl: str = "auto"):
+    """Summed completion log-probs [R] of rows under the held reference: `ref_params`, or, when None, a LoRA
+    model's own base (its adapters disabled on `params`: no second copy of the weights)."""
+    if ref_params is not None:
+        return sequence_logps(lm, ref_params, rows, logprobs_impl=logprobs_impl)[0]
+    if getattr(lm, "lora", None) is None:
+        raise ValueError("reference='model' needs ref_params (or a LoRA model: adapters disabled)")
+    return sequence_logps(lm, params, rows, logprobs_impl=logprobs_impl, adapters=False)[0]
+
+
+def reference_param_shardings(lm, reference: str, param_shardings):
+    """In-shardings of a step's `ref_params`: the policy's with a held reference model, else None (precomputed, none,
+    or a LoRA model's base)."""
+    return param_shardings if reference == "model" and getattr(lm, "lora", None) is None else None
+
+
 def split_pairs(x_R):
     """Interleaved rows [2B, ...] -> (chosen [B, ...], rejected [B, ...])."""
     x_B2 = x_R.reshape(x_R.shape[0] // 2, 2, *x_R.shape[1:])
@@ -93,17 +109,12 @@ class Preference(Objective):
         return jnp.maximum(jnp.sum(batch["pair_mask"].astype(jnp.float32)), 1.0)
 
     def reference_shardings(self, param_shardings):
-        lora_reference = getattr(self.lm, "lora", None) is not None  # adapters off: no ref params
-        return param_shardings if self.reference == "model" and not lora_reference else None
+        return reference_param_shardings(self.lm, self.reference, param_shardings)
 
     def _reference_logps(self, params, ref_params, mb):
         if self.reference == "precomputed":
             return mb["ref_logps"]
-        if ref_params is None:
-            if getattr(self.lm, "lora", None) is None:
-                raise ValueError("reference='model' needs ref_params (or a LoRA model: adapters disabled)")
-            return sequence_logps(self.lm, params, mb, logprobs_impl=self.logprobs_impl, adapters=False)[0]
-        return sequence_logps(self.lm, ref_params, mb, logprobs_impl=self.logprobs_impl)[0]
+        return reference_sequence_logps(self.lm, params, ref_params, mb, logprobs_impl=self.logprobs_impl)
 
     def loss(self, params, mb, ctx: Context):
         logps_R, tokens_R = sequence_logps(self.lm, params, mb, logprobs_impl=self.logprobs_impl)

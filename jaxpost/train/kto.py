@@ -20,14 +20,15 @@ import jax.numpy as jnp
 
 from jaxpost.batch import ROW_KEYS
 from jaxpost.losses import get_unpaired_loss, kto_kl_baseline, kto_kl_sums
-from jaxpost.train.dpo import masked_sums, sequence_logps
+from jaxpost.train.dpo import masked_sums, reference_param_shardings, reference_sequence_logps, sequence_logps
 from jaxpost.train.step import Context, Objective, row_layout
 
 KL_KEYS = tuple("kl_" + k for k in ROW_KEYS)
 
 
-def _kl_rows(mb: dict) -> dict:
-    return {k: mb["kl_" + k] for k in ROW_KEYS}
+def _rows(mb: dict, kl: bool) -> dict:
+    """The example rows of a micro-batch, or its KL rows (prompt i with the completion of example i + 1)."""
+    return {k: mb[("kl_" if kl else "") + k] for k in ROW_KEYS}
 
 
 class Unpaired(Objective):
@@ -53,25 +54,18 @@ class Unpaired(Objective):
         return {**row_layout(ROW_KEYS + KL_KEYS), **{k: (1, 2) for k in vectors}}
 
     def reference_shardings(self, param_shardings):
-        lora_reference = getattr(self.lm, "lora", None) is not None  # adapters off: no ref params
-        return param_shardings if self.reference == "model" and not lora_reference else None
+        return reference_param_shardings(self.lm, self.reference, param_shardings)
 
     def denominator(self, batch):
         return jnp.maximum(jnp.sum(batch["example_mask"].astype(jnp.float32)), 1.0)
 
     def _logps(self, params, mb, kl: bool):
-        rows = _kl_rows(mb) if kl else {k: mb[k] for k in ROW_KEYS}
-        return sequence_logps(self.lm, params, rows, logprobs_impl=self.logprobs_impl)[0]
+        return sequence_logps(self.lm, params, _rows(mb, kl), logprobs_impl=self.logprobs_impl)[0]
 
     def _ref_logps(self, params, ref_params, mb, kl: bool):
         if self.reference == "precomputed":
             return mb["ref_kl_logps" if kl else "ref_logps"]
-        if ref_params is None:  # a LoRA policy's base model: its adapters disabled
-            if getattr(self.lm, "lora", None) is None:
-                raise ValueError("reference='model' needs ref_params (or a LoRA model: adapters disabled)")
-            rows = _kl_rows(mb) if kl else {k: mb[k] for k in ROW_KEYS}
-            return sequence_logps(self.lm, params, rows, logprobs_impl=self.logprobs_impl, adapters=False)[0]
-        return self._logps(ref_params, mb, kl)
+        return reference_sequence_logps(self.lm, params, ref_params, _rows(mb, kl), logprobs_impl=self.logprobs_impl)
 
     def prepare(self, params, ref_params, batch):
         """z0 of the whole batch: a forward-only pass of the policy and the reference over every micro-batch's KL

@@ -77,12 +77,14 @@ def concat_rollouts(parts: Sequence[Rollout], groups: Sequence[tuple[int, int]],
 
 @dataclasses.dataclass
 class Round:
-    """One sampler call of the sample phase: its rollout, prompts, total rewards [rows] and reward details."""
+    """One sampler call of the sample phase: its rollout, prompts, total rewards [rows], reward details, and which
+    of its groups have unequal rewards (a non-zero advantage: what dynamic sampling keeps) [groups]."""
 
     rollout: Rollout
     prompts: list
     rewards: np.ndarray
     info: dict
+    informative: np.ndarray
 
 
 @dataclasses.dataclass
@@ -208,10 +210,10 @@ class RLTrainer:
             total, info = self._reward(ro, round_prompts)
             timings["reward_time_s"] += time.perf_counter() - t0
             ro = dataclasses.replace(ro, prompts=[p.ids for p in round_prompts])
-            rounds.append(Round(ro, round_prompts, total, info))
+            keep = np.asarray(dynamic_sampling_keep(total, group_size=G))
+            rounds.append(Round(ro, round_prompts, total, info, keep))
             if not cfg.dynamic_sampling:
                 break
-            keep = np.asarray(dynamic_sampling_keep(total, group_size=G))
             kept += [(rnd, g) for g in range(len(round_prompts)) if keep[g]]
             if len(kept) >= cfg.prompts_per_step:
                 break
@@ -287,10 +289,9 @@ class RLTrainer:
         out = {k: float(np.mean([float(sm[k]) for sm in step_metrics])) for k in step_metrics[0]}
         out["first_update_ratio"] = float(step_metrics[0]["ratio"])
         out["first_update_clip_frac"] = float(step_metrics[0].get("clip_frac", 0.0))
-        keep = np.asarray(dynamic_sampling_keep(first.rewards, group_size=G))
         out.update({
             "reward_mean": float(first.rewards.mean()), "reward_std": float(first.rewards.std()),
-            "zero_adv_group_frac": float(1.0 - keep.mean()),
+            "zero_adv_group_frac": float(1.0 - first.informative.mean()),
             "response_length": float(first.rollout.lengths.mean()),
             "truncated_frac": float(np.mean(first.rollout.finish == 2)),
             "batch_reward_mean": float(samples.rewards[valid].mean()) if valid.any() else 0.0,
