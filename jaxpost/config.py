@@ -13,7 +13,7 @@ import inspect
 from typing import Literal
 
 from jaxpost.losses import (ADVANTAGE_ESTIMATORS, KL_ESTIMATORS, LOSS_AGGREGATIONS, POLICY_LOSSES,
-                            SEQUENCE_LEVEL_ESTIMATORS)
+                            REQUIRED_AGGREGATION, SEQUENCE_LEVEL_ESTIMATORS, check_correction)
 
 DTYPES = ("float32", "bfloat16")
 ROPE_SCALINGS = ("none", "llama3")
@@ -358,6 +358,8 @@ class RolloutConfig:
     rounding); "sampler" takes the sampler's (the same quantity under the untruncated temperature-T softmax,
     computed by the decode loop: equal to ~1e-5 in float32, checked every iteration as `sampler_logp_diff` when the
     trainer's are computed) and skips the policy's forward in the scoring pass; verl's rollout log-probs.
+    sampler_dtype: the sampler's compute dtype when it differs from the model's (e.g. "bfloat16" with a float32
+    trainer, as inference engines run): the rollout-trainer mismatch that `RLLossConfig.rollout_correction` corrects.
     """
 
     prompts_per_step: int = 64
@@ -374,6 +376,7 @@ class RolloutConfig:
     ppo_epochs: int = 1
     minibatches: int = 1
     old_logp: str = "trainer"
+    sampler_dtype: str | None = None
 
     def __post_init__(self):
         _positive(self, "prompts_per_step", "group_size", "max_new_tokens", "max_prompt_len", "max_sampling_rounds",
@@ -382,6 +385,9 @@ class RolloutConfig:
             raise ValueError(f"RolloutConfig.temperature must be > 0 for RL (sampling), got {self.temperature}")
         if self.rows % self.minibatches:
             raise ValueError(f"RolloutConfig: {self.rows} rows do not split into minibatches={self.minibatches}")
+        if self.sampler_dtype not in (None, "float32", "bfloat16", "float16"):
+            raise ValueError(f"RolloutConfig.sampler_dtype must be None, float32, bfloat16 or float16, got "
+                             f"{self.sampler_dtype!r}")
         if self.old_logp not in OLD_LOGP_SOURCES:
             raise ValueError(f"RolloutConfig.old_logp must be one of {OLD_LOGP_SOURCES}, got {self.old_logp!r}")
         if not 0 <= self.overlong_buffer <= self.max_new_tokens:
@@ -409,32 +415,59 @@ class RolloutConfig:
 class RLLossConfig:
     """The RL update's objective (the sampling temperature it is computed under is `RolloutConfig.temperature`).
 
-    policy_loss: a `POLICY_LOSSES` name (ppo: PPO-clip, GRPO and DAPO; gspo, gspo_seq; reinforce); its
-      hyperparameters are read from this config by the registry (eps_low, eps_high (None: = eps_low), dual_clip).
+    policy_loss: a `POLICY_LOSSES` name (ppo: PPO-clip, GRPO and DAPO; gspo, gspo_seq, luspo; rloo_seq; reinforce;
+      cispo; sapo; vespo); its hyperparameters are read from this config by the registry: eps_low, eps_high (None:
+      = eps_low), dual_clip, delta (ppo); cispo_clip_max, cispo_clip_min; sapo_tau_pos, sapo_tau_neg;
+      vespo_k_pos, vespo_lambda_pos, vespo_k_neg, vespo_lambda_neg (docs/losses.md: each with TRL's and verl's name).
     aggregation: a `LOSS_AGGREGATIONS` name; max_length: the constant of seq_mean_token_sum_norm (0: the sampler's
-      max_new_tokens).
+      max_new_tokens). luspo requires seq_mean_token_sum.
     kl_coef, kl_estimator, kl_in: a KL penalty to the reference, in the loss (per token, aggregated with the policy
-      loss) or in the reward (subtracted before the advantages); 0 disables it.
+      loss) or in the reward (subtracted before the advantages); 0 disables it. kl_importance_weighted: in the loss,
+      multiply it by the ratio pi / pi_old (TRL's use_bias_correction_kl, its default; DeepSeek-V3.2's unbiased KL).
     entropy_coef: entropy bonus. vf_coef, vf_clip: the value loss (value model only).
+    rollout_correction, correction_clip_min, correction_clip_max: importance correction for the sampler / trainer
+      mismatch (`jaxpost.losses.correction`: "none" or token|sequence _truncate|_mask; TRL's
+      vllm_importance_sampling_mode and clip bounds); needs the trainer's old log-probs (RolloutConfig.old_logp
+      "trainer") beside the sampler's.
     """
 
     policy_loss: str = "ppo"
     eps_low: float = 0.2
     eps_high: float | None = None
     dual_clip: float | None = None
+    delta: float | None = None
+    cispo_clip_max: float = 5.0
+    cispo_clip_min: float | None = None
+    sapo_tau_pos: float = 1.0
+    sapo_tau_neg: float = 1.05
+    vespo_k_pos: float = 2.0
+    vespo_lambda_pos: float = 3.0
+    vespo_k_neg: float = 3.0
+    vespo_lambda_neg: float = 2.0
     aggregation: str = "token_mean"
     max_length: int = 0
     kl_coef: float = 0.0
     kl_estimator: str = "k3"
     kl_in: str = "loss"
+    kl_importance_weighted: bool = False
     entropy_coef: float = 0.0
     vf_coef: float = 0.1
     vf_clip: float | None = 0.2
+    rollout_correction: str = "none"
+    correction_clip_min: float | None = None
+    correction_clip_max: float | None = 3.0
 
     def __post_init__(self):
         POLICY_LOSSES.get(self.policy_loss)
         LOSS_AGGREGATIONS.get(self.aggregation)
         KL_ESTIMATORS.get(self.kl_estimator)
+        required = REQUIRED_AGGREGATION.get(self.policy_loss)
+        if required is not None and self.aggregation != required:
+            raise ValueError(f"RLLossConfig: policy_loss={self.policy_loss!r} is defined with "
+                             f"aggregation={required!r}, got {self.aggregation!r}")
+        check_correction(self.rollout_correction, self.correction_clip_min, self.correction_clip_max)
+        if self.kl_importance_weighted and self.kl_in != "loss":
+            raise ValueError("RLLossConfig.kl_importance_weighted applies to a KL in the loss (kl_in='loss')")
         if self.kl_in not in KL_PLACEMENTS:
             raise ValueError(f"RLLossConfig.kl_in must be one of {KL_PLACEMENTS}, got {self.kl_in!r}")
         if self.kl_coef < 0 or self.entropy_coef < 0 or self.vf_coef < 0:
@@ -458,8 +491,10 @@ class RLLossConfig:
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class AdvantageConfig:
     """estimator: an `ADVANTAGE_ESTIMATORS` name; the registry reads its hyperparameters from this config:
-    grpo_scale, grpo_eps (grpo's std scaling "group" | "batch" | "none" and epsilon), gamma, lam (discount and GAE
-    lambda: reinforce_pp, gae). whiten: whiten the advantages of an estimator with a value model (GAE) over the
+    grpo_scale, grpo_eps, grpo_ddof (grpo's std scaling "group" | "batch" | "none", the epsilon added to the std:
+    1e-6 as verl, TRL uses 1e-4; the std's ddof: 1, both); normalize, adv_eps, adv_ddof (rloo and reinforce:
+    standardise the advantages over the batch, TRL's normalize_advantages with eps 1e-4, ddof 1); gamma, lam
+    (discount and GAE lambda: reinforce_pp, gae). whiten: whiten the advantages of an estimator with a value model (GAE) over the
     batch (verl, TRL); reinforce_pp always whitens. negative_scale: multiplies the negative advantages (1: the
     estimator as is; 0: only better-than-baseline samples are reinforced, a RAFT-like positive-only update; the
     weighting of Zhu et al. 2025, "The Surprising Effectiveness of Negative Reinforcement in LLM Reasoning",
@@ -468,6 +503,10 @@ class AdvantageConfig:
     estimator: str = "grpo"
     grpo_scale: str = "group"
     grpo_eps: float = 1e-6
+    grpo_ddof: int = 1
+    normalize: bool = False
+    adv_eps: float = 1e-4
+    adv_ddof: int = 1
     gamma: float = 1.0
     lam: float = 0.95
     whiten: bool = True
@@ -481,6 +520,10 @@ class AdvantageConfig:
             raise ValueError("AdvantageConfig: gamma and lam must be in [0, 1]")
         if self.negative_scale < 0:
             raise ValueError(f"AdvantageConfig.negative_scale must be >= 0, got {self.negative_scale}")
+        if self.grpo_ddof not in (0, 1) or self.adv_ddof not in (0, 1):
+            raise ValueError("AdvantageConfig: grpo_ddof and adv_ddof must be 0 or 1")
+        if not (self.grpo_eps >= 0 and self.adv_eps >= 0):
+            raise ValueError("AdvantageConfig: grpo_eps and adv_eps must be >= 0")
 
     @property
     def sequence_level(self) -> bool:

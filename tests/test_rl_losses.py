@@ -55,8 +55,10 @@ from jaxpost.losses import (
     value_loss,
 )
 
-MODES = ["token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm"]
+MODES = ["token_mean", "seq_mean_token_mean", "seq_mean_token_sum", "seq_mean_token_sum_norm"]
 MAX_LEN = 16  # the constant of seq_mean_token_sum_norm in these tests
+SEQUENCE_FORM = ("gspo_seq", "luspo", "rloo_seq")  # the losses of one ratio and one advantage per sequence
+DETACHED_WEIGHT = ("cispo", "vespo")  # gradient = a detached weight x grad logp, not the derivative of the value
 
 
 def f32(x):
@@ -545,7 +547,7 @@ def test_ppo_clip_equals_verl_formula_on_random_tokens():
 @pytest.mark.parametrize("name", list(POLICY_LOSSES))
 def test_old_equals_new_gives_ratio_one_no_clipping_and_the_reinforce_gradient(name):
     b = rl_batch(10)
-    adv = b["adv_B"] if name == "gspo_seq" else b["adv_BT"]
+    adv = b["adv_B"] if name in SEQUENCE_FORM else b["adv_BT"]
     obj = lambda f: lambda x: aggregate_loss(f(x, b["logp"], adv, b["mask"])[0], b["mask"],
                                              mode="seq_mean_token_mean", denominator=7.0)
     metrics, got, want = jcall(lambda x: (get_policy_loss(name)(x, x, adv, b["mask"])[1],
@@ -557,9 +559,11 @@ def test_old_equals_new_gives_ratio_one_no_clipping_and_the_reinforce_gradient(n
     for k in ("clip_frac", "clip_frac_low", "clip_frac_high"):
         if k in mm:
             np.testing.assert_array_equal(mm[k], 0.0)
-    if name == "gspo_seq":  # gradient of the sequence mean: -A / |y| on every token of the sequence, times 1/|y|
+    if name in ("gspo_seq", "luspo"):  # gradient of the sequence mean: -A / |y| on every token of the sequence
         n = jnp.maximum(jnp.sum(b["mask"], -1, keepdims=True), 1.0)
         want = -b["adv_B"][:, None] * b["mask"] / n / 7.0
+    if name == "rloo_seq":  # the sequence's summed log-ratio: -A on every token of the sequence
+        want = -b["adv_B"][:, None] * b["mask"] / 7.0
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7)
 
 
@@ -672,7 +676,12 @@ POLICY_CASES = {
     "ppo": dict(eps_low=0.2, eps_high=0.28, dual_clip=3.0),
     "gspo": dict(eps_low=0.01, eps_high=0.012),
     "gspo_seq": dict(eps_low=0.01, eps_high=0.012),
+    "luspo": dict(eps_low=0.01, eps_high=0.012),
+    "rloo_seq": dict(eps_low=0.2, eps_high=0.28),
     "reinforce": {},
+    "cispo": dict(clip_max=1.1, clip_min=0.9),
+    "sapo": dict(tau_pos=1.0, tau_neg=1.05),
+    "vespo": {},
 }
 
 
@@ -707,7 +716,7 @@ def _split_run(b, name, bounds, *, local_denominators=False):
     """Per mode: the sum of the micro-batch contributions and their concatenated gradients. The global denominators
     are summed from the micro-batches' masks (or, to show the bug, each micro-batch uses its own)."""
     dens = sum(_denominators(b["mask"][lo:hi]) for lo, hi in bounds)
-    adv = b["adv_B"] if name == "gspo_seq" else b["adv_BT"]
+    adv = b["adv_B"] if name in SEQUENCE_FORM else b["adv_BT"]
     parts = []
     for lo, hi in bounds:
         sl = lambda x: x[lo:hi]
@@ -752,6 +761,7 @@ def test_full_batch_values_equal_the_mode_definitions():
     rows = m.sum(-1) > 0
     want = {"token_mean": (l * m).sum() / m.sum(),
             "seq_mean_token_mean": np.mean([(l[i] * m[i]).sum() / m[i].sum() for i in np.nonzero(rows)[0]]),
+            "seq_mean_token_sum": np.mean([(l[i] * m[i]).sum() for i in np.nonzero(rows)[0]]),
             "seq_mean_token_sum_norm": (l * m).sum() / (rows.sum() * MAX_LEN)}
     for mode in MODES:
         np.testing.assert_allclose(float(full[mode][0]), want[mode], rtol=1e-5, err_msg=mode)
@@ -844,7 +854,7 @@ def test_jit_equals_eager():
     b = rl_batch(19)
     for name in ("ppo",):  # (eager mode compiles op by op: one loss is enough here, the rest runs under jit)
         hyper = POLICY_CASES[name]
-        adv = b["adv_B"] if name == "gspo_seq" else b["adv_BT"]
+        adv = b["adv_B"] if name in SEQUENCE_FORM else b["adv_BT"]
         f = lambda lp: get_policy_loss(name)(lp, b["old"], adv, b["mask"], **hyper)
         eager, jitted = f(b["logp"]), jax.jit(f)(b["logp"])
         np.testing.assert_allclose(jitted[0], eager[0], rtol=1e-6, atol=1e-7, err_msg=name)
@@ -859,7 +869,9 @@ def test_gradients_match_finite_differences_float32():
     """Every policy loss (one check per loss, as separate outputs of one function) and the value loss, at a point
     away from the clip boundaries (ratios within +-5% of 1; the GSPO bounds are widened to contain them).
     GSPO-token's gradient is by design not the derivative of its value when advantages vary within a sequence (each
-    token gets -A_t sg(s) grad logp_t): with one advantage per sequence the two agree, so GSPO gets those."""
+    token gets -A_t sg(s) grad logp_t): with one advantage per sequence the two agree, so GSPO gets those. CISPO's
+    and VESPO's are by design not the derivative of their values either (a detached weight times logp: the
+    REINFORCE form), so they are left out here; their gradients are checked by hand and against TRL."""
     b = rl_batch(20)
     logp = b["old"] + 0.03 * jnp.tanh(b["logp"] - b["old"]) * b["mask"]
     values = jnp.where(b["mask"] > 0, b["values"], 0.0)
@@ -867,8 +879,11 @@ def test_gradients_match_finite_differences_float32():
     def f(lp, v):
         out = []
         for name in POLICY_CASES:
-            hyper = dict(POLICY_CASES[name], **({"eps_low": 0.2, "eps_high": 0.3} if "gspo" in name else {}))
-            adv = b["adv_B"] if "gspo" in name else b["adv_BT"]
+            if name in DETACHED_WEIGHT:
+                continue
+            hyper = dict(POLICY_CASES[name], **({"eps_low": 0.2, "eps_high": 0.3} if "gspo" in name
+                                                or name == "luspo" else {}))
+            adv = b["adv_B"] if name in SEQUENCE_FORM else b["adv_BT"]
             out.append(aggregate_loss(get_policy_loss(name)(lp, b["old"], adv, b["mask"], **hyper)[0], b["mask"],
                                       mode="token_mean", denominator=21.0))
         out.append(aggregate_loss(value_loss(v, b["old_values"], b["returns"], b["mask"], clip_eps=5.0)[0],
@@ -904,7 +919,7 @@ def test_metrics_carry_no_gradient_and_sum_over_micro_batches():
     b = rl_batch(23)
 
     def metrics(name, lp, lo=0, hi=8):
-        adv = b["adv_B"] if name == "gspo_seq" else b["adv_BT"]
+        adv = b["adv_B"] if name in SEQUENCE_FORM else b["adv_BT"]
         return get_policy_loss(name)(lp[lo:hi], b["old"][lo:hi], adv[lo:hi], b["mask"][lo:hi],
                                      **POLICY_CASES[name])[1]
 
@@ -943,10 +958,11 @@ def test_bfloat16_inputs_compute_in_float32():
 
 
 def test_registries_and_unknown_names():
-    assert set(ADVANTAGE_ESTIMATORS) == {"grpo", "dr_grpo", "rloo", "reinforce_pp", "gae"}
+    assert set(ADVANTAGE_ESTIMATORS) == {"grpo", "dr_grpo", "rloo", "reinforce", "reinforce_pp", "gae"}
     assert SEQUENCE_LEVEL_ESTIMATORS | TOKEN_LEVEL_ESTIMATORS == set(ADVANTAGE_ESTIMATORS)
     assert not SEQUENCE_LEVEL_ESTIMATORS & TOKEN_LEVEL_ESTIMATORS
-    assert set(POLICY_LOSSES) == {"ppo", "gspo", "gspo_seq", "reinforce"}
+    assert set(POLICY_LOSSES) == {"ppo", "gspo", "gspo_seq", "luspo", "rloo_seq", "reinforce", "cispo", "sapo",
+                                  "vespo"}
     assert set(LOSS_AGGREGATIONS) == set(MODES)
     assert set(KL_ESTIMATORS) == {"k1", "k2", "k3"}
     for get, table in ((get_advantage_estimator, ADVANTAGE_ESTIMATORS), (get_policy_loss, POLICY_LOSSES),

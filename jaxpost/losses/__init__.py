@@ -43,9 +43,11 @@ from jaxpost.losses.advantages import (
     masked_whiten,
     overlong_penalty,
     reinforce_pp,
+    reinforce_returns,
     rloo,
     sequence_to_token_rewards,
 )
+from jaxpost.losses.correction import CORRECTION_MODES, check_correction, rollout_correction
 from jaxpost.losses.kl import (
     KL_ESTIMATORS,
     get_kl_estimator,
@@ -59,18 +61,25 @@ from jaxpost.losses.kl import (
 from jaxpost.losses.policy import (
     LOSS_AGGREGATIONS,
     POLICY_LOSSES,
+    REQUIRED_AGGREGATION,
     aggregate_loss,
+    cispo,
     entropy_bonus,
     get_loss_aggregation,
     get_policy_loss,
     gspo,
     gspo_seq,
     loss_denominator,
+    luspo,
     metric_means,
     ppo_clip,
     reinforce,
+    rloo_seq,
+    sapo,
     seq_mean_token_mean,
+    seq_mean_token_sum,
     seq_mean_token_sum_norm,
+    vespo,
     token_mean,
     value_loss,
 )
@@ -90,13 +99,17 @@ __all__ = [
     "REWARD_LOSSES", "get_reward_loss", "bradley_terry",
     # policy-gradient RL: advantages, reward shaping
     "ADVANTAGE_ESTIMATORS", "SEQUENCE_LEVEL_ESTIMATORS", "TOKEN_LEVEL_ESTIMATORS", "get_advantage_estimator",
-    "grpo", "dr_grpo", "rloo", "reinforce_pp", "gae", "masked_whiten", "broadcast_to_tokens",
+    "grpo", "dr_grpo", "rloo", "reinforce_returns", "reinforce_pp", "gae", "masked_whiten", "broadcast_to_tokens",
     "sequence_to_token_rewards", "overlong_penalty", "dynamic_sampling_keep",
     # policy-gradient RL: losses and their aggregation
-    "POLICY_LOSSES", "get_policy_loss", "ppo_clip", "gspo", "gspo_seq", "reinforce", "value_loss", "entropy_bonus",
-    "LOSS_AGGREGATIONS", "get_loss_aggregation", "token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm",
+    "POLICY_LOSSES", "REQUIRED_AGGREGATION", "get_policy_loss", "ppo_clip", "gspo", "gspo_seq", "luspo", "rloo_seq",
+    "reinforce", "cispo", "sapo", "vespo", "value_loss", "entropy_bonus",
+    "LOSS_AGGREGATIONS", "get_loss_aggregation", "token_mean", "seq_mean_token_mean", "seq_mean_token_sum",
+    "seq_mean_token_sum_norm",
     "loss_denominator", "aggregate_loss", "metric_means",
     # KL to the reference
     "KL_ESTIMATORS", "get_kl_estimator", "k1", "k2", "k3", "kl_loss", "kl_penalty_token_rewards",
     "kl_penalty_sequence_rewards",
+    # rollout-trainer mismatch correction
+    "CORRECTION_MODES", "check_correction", "rollout_correction",
 ]

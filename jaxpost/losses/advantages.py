@@ -10,7 +10,7 @@ device or host that holds part of the batch must hold whole groups (split rows a
 
 Two kinds of estimator, both registered in ``ADVANTAGE_ESTIMATORS``:
 
-* sequence level (``SEQUENCE_LEVEL_ESTIMATORS``: grpo, dr_grpo, rloo): ``f(rewards_B, *, group_size, mask_B=None,
+* sequence level (``SEQUENCE_LEVEL_ESTIMATORS``: grpo, dr_grpo, rloo, reinforce): ``f(rewards_B, *, group_size, mask_B=None,
   **hyper) -> advantages_B``, one advantage per sequence ``[B]`` (policy losses broadcast it over the sequence's
   tokens; ``broadcast_to_tokens`` does it explicitly). ``mask_B`` marks real rows (padding rows, e.g. the groups a
   dynamic-sampling filter dropped, get 0 and take no part in any statistic).
@@ -190,18 +190,48 @@ def dr_grpo(rewards_B: Float[Array, "B"], *, group_size: int, mask_B: RowMask = 
     return grpo(rewards_B, group_size=group_size, scale="none", mask_B=mask_B)
 
 
-def rloo(rewards_B: Float[Array, "B"], *, group_size: int, mask_B: RowMask = None) -> Float[Array, "B"]:
+def _normalize_batch(adv_B: Array, m_B: Array, eps: float, ddof: int, axis_name: str | None) -> Array:
+    """(A - mean) / (std + eps) over the valid rows of the global batch (TRL's ``normalize_advantages``)."""
+    mean, var = _global_mean_var(adv_B, m_B, ddof, axis_name)
+    return (adv_B - mean) / (jnp.sqrt(var) + eps)
+
+
+def rloo(rewards_B: Float[Array, "B"], *, group_size: int, mask_B: RowMask = None, normalize: bool = False,
+         eps: float = 1e-4, ddof: int = 1, axis_name: str | None = None) -> Float[Array, "B"]:
     """RLOO: A_i = r_i - mean_{j != i} r_j = n / (n - 1) * (r_i - mean_g(r)) within each group; per sequence [B].
 
     Ahmadian et al. 2024, "Back to Basics: Revisiting REINFORCE Style Optimization for Learning from Human Feedback
     in LLMs", arXiv:2402.14740 (Kool et al. 2019's leave-one-out baseline). n is the number of valid rows in the
-    group; a group with fewer than 2 valid rows has no baseline and gets 0 (verl uses baseline 0 there, A = r).
-    For a KL-regularised reward use ``kl_penalty_sequence_rewards`` first.
+    group; a group with fewer than 2 valid rows has no baseline and gets 0 (verl uses baseline 0 there, A = r; TRL
+    NaN, then 0). For a KL-regularised reward use ``kl_penalty_sequence_rewards`` first.
+    ``normalize``: then standardise over the valid rows of the global batch, (A - mean) / (std + eps), std with
+    ``ddof`` (TRL ``RLOOConfig.normalize_advantages``, default off: ddof 1, eps 1e-4, the defaults here; TRL leaves
+    rows of single-member groups out of that statistic, here they take part with A = 0). ``axis_name`` psums it
+    inside ``shard_map``.
     """
     m_B = _row_mask(_f32(rewards_B), mask_B)
     r_B = jnp.where(m_B > 0, _f32(rewards_B), 0.0)
     mean_B, _, n_B = _group_mean_std(r_B, m_B, group_size, 0)
     adv_B = jnp.where(n_B >= 2, n_B / jnp.maximum(n_B - 1.0, 1.0) * (r_B - mean_B), 0.0)
+    if normalize:
+        adv_B = _normalize_batch(adv_B, m_B, eps, ddof, axis_name)
+    return jax.lax.stop_gradient(adv_B * m_B)
+
+
+def reinforce_returns(rewards_B: Float[Array, "B"], *, group_size: int, mask_B: RowMask = None,
+                      normalize: bool = False, eps: float = 1e-4, ddof: int = 1,
+                      axis_name: str | None = None) -> Float[Array, "B"]:
+    """REINFORCE without a baseline: A_i = r_i, one advantage per sequence [B]; ``normalize`` standardises it over
+    the valid rows of the global batch, (r - mean) / (std + eps) with ``ddof`` (a batch-mean baseline and scale;
+    eps 1e-4 and ddof 1 as TRL's advantage normalisation). ``group_size`` is accepted for the uniform call and
+    unused: no statistic is per group. Williams 1992; the plain baseline-free estimator the group baselines
+    (grpo, rloo) improve on.
+    """
+    del group_size
+    m_B = _row_mask(_f32(rewards_B), mask_B)
+    adv_B = jnp.where(m_B > 0, _f32(rewards_B), 0.0)
+    if normalize:
+        adv_B = _normalize_batch(adv_B, m_B, eps, ddof, axis_name)
     return jax.lax.stop_gradient(adv_B * m_B)
 
 
@@ -260,18 +290,21 @@ def gae(token_rewards_BT: Float[Array, "B T"], mask_BT: Float[Array, "B T"], *, 
     return jax.lax.stop_gradient(adv_BT), jax.lax.stop_gradient(ret_BT)
 
 
+_NORMALIZE = {"normalize": "normalize", "eps": "adv_eps", "ddof": "adv_ddof"}
+
 ADVANTAGE_ESTIMATORS = Registry("advantage estimator", {
     "grpo": grpo,
     "dr_grpo": dr_grpo,
     "rloo": rloo,
+    "reinforce": reinforce_returns,
     "reinforce_pp": reinforce_pp,
     "gae": gae,
-}, hparams={"grpo": {"scale": "grpo_scale", "eps": "grpo_eps"}, "dr_grpo": (), "rloo": (),
-                 "reinforce_pp": ("gamma",), "gae": ("gamma", "lam")})
+}, hparams={"grpo": {"scale": "grpo_scale", "eps": "grpo_eps", "ddof": "grpo_ddof"}, "dr_grpo": (),
+            "rloo": _NORMALIZE, "reinforce": _NORMALIZE, "reinforce_pp": ("gamma",), "gae": ("gamma", "lam")})
 """Name -> estimator. Sequence level: ``f(rewards_B, *, group_size, mask_B=None, **hyper) -> [B]``; token level:
 ``f(token_rewards_BT, mask_BT, **hyper) -> ([B, T], [B, T])`` (gae also needs ``values_BT=``)."""
 
-SEQUENCE_LEVEL_ESTIMATORS = frozenset({"grpo", "dr_grpo", "rloo"})
+SEQUENCE_LEVEL_ESTIMATORS = frozenset({"grpo", "dr_grpo", "rloo", "reinforce"})
 """Estimators of one advantage per sequence from outcome rewards [B] and groups of G consecutive rows."""
 
 TOKEN_LEVEL_ESTIMATORS = frozenset({"reinforce_pp", "gae"})
@@ -279,7 +312,7 @@ TOKEN_LEVEL_ESTIMATORS = frozenset({"reinforce_pp", "gae"})
 
 
 def get_advantage_estimator(name: str) -> Callable:
-    """The advantage estimator registered under ``name`` (grpo, dr_grpo, rloo, reinforce_pp, gae)."""
+    """The advantage estimator registered under ``name`` (``ADVANTAGE_ESTIMATORS``)."""
     return ADVANTAGE_ESTIMATORS.get(name)
 
 

@@ -86,15 +86,28 @@ def get_kl_estimator(name: str) -> Callable[..., Float[Array, "B T"]]:
 
 
 def kl_loss(logp_BT: Float[Array, "B T"], ref_logp_BT: Float[Array, "B T"], mask_BT: Mask, *, beta: float,
-            estimator: str = "k3", max_log_ratio: float | None = None) -> Float[Array, "B T"]:
+            estimator: str = "k3", max_log_ratio: float | None = None,
+            old_logp_BT: Float[Array, "B T"] | None = None) -> Float[Array, "B T"]:
     """KL in the loss: beta * k(logp, ref) per token, to add to the per-token policy loss before aggregation.
 
     The gradient flows through ``logp_BT`` only (the reference is detached). See the module docstring for what each
     estimator's gradient is: k2 gives grad KL(pi || ref), k3 (GRPO, the default) grad KL(ref || pi), k1 nothing in
     expectation. Masked positions give 0.
+
+    ``old_logp_BT`` (the sampling policy's log-probs) makes it importance-weighted: beta * k * rho_t with
+    rho_t = exp(logp_t - sg(old_logp_t)), differentiable (its value is 1 on-policy, its gradient is not 0). This is
+    TRL's ``use_bias_correction_kl=True`` (``per_token_kl * coef_1``; TRL 1.16's default) and DeepSeek-V3.2's
+    unbiased KL (arXiv:2512.02556, Eq. 7): E_old[rho k3] = KL(pi || ref) for samples from the old policy, and its
+    gradient E_pi[grad k3 + k3 grad log pi] = grad KL(pi || ref), the reverse-KL gradient that plain k3 in the loss
+    does not give (tests/test_rl_losses.py checks both exactly over a categorical distribution).
     """
-    return beta * get_kl_estimator(estimator)(logp_BT, jax.lax.stop_gradient(_f32(ref_logp_BT)), mask_BT,
-                                              max_log_ratio=max_log_ratio)
+    kl_BT = beta * get_kl_estimator(estimator)(logp_BT, jax.lax.stop_gradient(_f32(ref_logp_BT)), mask_BT,
+                                               max_log_ratio=max_log_ratio)
+    if old_logp_BT is None:
+        return kl_BT
+    m_BT = jnp.asarray(mask_BT) > 0
+    log_rho_BT = jnp.where(m_BT, _f32(logp_BT) - jax.lax.stop_gradient(_f32(old_logp_BT)), 0.0)
+    return jnp.where(m_BT, kl_BT * jnp.exp(log_rho_BT), 0.0)
 
 
 def kl_penalty_token_rewards(token_rewards_BT: Float[Array, "B T"], kl_BT: Float[Array, "B T"],

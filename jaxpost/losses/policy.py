@@ -1,10 +1,15 @@
-"""Policy-gradient losses (PPO-clip with DAPO's clip-higher and dual-clip, GSPO, REINFORCE), the PPO value loss, the
-entropy bonus, and the loss aggregations that make micro-batching and data parallelism exact.
+"""Policy-gradient losses (PPO-clip with DAPO's clip-higher, dual-clip and two-sided clipping; GSPO and LUSPO;
+RLOO's sequence ratio; REINFORCE; CISPO, SAPO, VESPO), the PPO value loss, the entropy bonus, and the loss
+aggregations that make micro-batching and data parallelism exact. docs/losses.md maps each to TRL and verl.
 
 Pure functions on per-token arrays ``[B, T]``: ``logp_BT`` (log-probs of the sampled tokens under the policy being
 trained, the only input that carries a gradient), ``old_logp_BT`` (under the policy that sampled them, or the policy
 at the start of this PPO epoch; detached), advantages (``[B]`` per sequence or ``[B, T]`` per token, from
 ``jaxpost.losses.advantages``; detached) and the response mask ``mask_BT``.
+
+Every loss also takes ``is_weight_BT``, the detached rollout-correction weight of each token
+(``jaxpost.losses.correction``: truncated or masked importance sampling between the sampler and the trainer); it
+multiplies the per-token loss (VESPO folds it into its sequence weight instead).
 
 Every loss returns ``(loss_BT, metrics)``: the per-token loss ``[B, T]`` (0 on masked tokens, whatever the inputs
 hold there) and a dict ``name -> (sum, count)`` of scalars, each metric a sum over this batch and its denominator,
@@ -25,6 +30,8 @@ Modes (``LOSS_AGGREGATIONS``):
 * ``seq_mean_token_mean``: sum over sequences of (mean of l_t over that sequence's tokens) / (sequences in the global
   batch). The GRPO paper's 1/G sum_i 1/|o_i| sum_t (Shao et al. 2024); TRL ``loss_type="grpo"``; verl
   ``seq-mean-token-mean``. GSPO's natural mode.
+* ``seq_mean_token_sum``: sum over all response tokens of l_t / (sequences in the global batch): each sequence's
+  token sum, averaged over sequences. verl ``seq-mean-token-sum``; TRL's ``luspo`` normalisation.
 * ``seq_mean_token_sum_norm``: sum over sequences of (sum of l_t) / (sequences in the global batch x max_length),
   max_length a constant (e.g. the sampler's maximum number of new tokens). Dr.GRPO (Liu et al. 2025,
   arXiv:2503.20783); TRL ``loss_type="dr_grpo"`` (B x ``max_completion_length`` per process); verl
@@ -43,6 +50,7 @@ and the PPO critic ``aggregate_loss(value_loss(...)[0], mask_BT, ...)``.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from numbers import Real
 
@@ -109,6 +117,18 @@ def _check_clip(eps_low, eps_high, dual_clip=None) -> None:
         _check(dual_clip, lambda v: v > 1.0, "dual_clip (c) must be > 1")
 
 
+def _check_delta(delta) -> None:
+    if delta is not None:
+        _check(delta, lambda v: v > 1.0, "delta (the two-sided clip's upper bound on the ratio) must be > 1")
+
+
+def _apply_is(loss_BT: Array, is_weight_BT, m_BT: Array) -> Array:
+    """loss x the detached rollout-correction weight (``jaxpost.losses.correction``), 0 on masked tokens."""
+    if is_weight_BT is not None:
+        loss_BT = loss_BT * jax.lax.stop_gradient(_f32(is_weight_BT))
+    return jnp.where(m_BT > 0, loss_BT, 0.0)
+
+
 def metric_means(metrics: Metrics) -> dict[str, Array]:
     """Divide each summed metric by its denominator (after summing over micro-batches / psum over devices)."""
     return {k: s / jnp.maximum(n, 1.0) for k, (s, n) in metrics.items()}
@@ -120,18 +140,24 @@ def metric_means(metrics: Metrics) -> dict[str, Array]:
 
 def ppo_clip(logp_BT: Float[Array, "B T"], old_logp_BT: Float[Array, "B T"], advantages: Advantages,
              mask_BT: Float[Array, "B T"], *, eps_low: float = 0.2, eps_high: float | None = None,
-             dual_clip: float | None = None) -> PolicyLossOutput:
-    """PPO-clip per token, with asymmetric clipping and optional dual-clip:
+             dual_clip: float | None = None, delta: float | None = None,
+             is_weight_BT: Float[Array, "B T"] | None = None) -> PolicyLossOutput:
+    """PPO-clip per token, with asymmetric clipping and optional dual-clip or two-sided (delta) clipping:
 
         rho_t = exp(logp_t - old_logp_t)
         l_t = -min(rho_t A_t, clip(rho_t, 1 - eps_low, 1 + eps_high) A_t)
         dual-clip (c > 1), for A_t < 0 only: l_t = min(l_t, -c A_t)
+        delta (> 1): rho_t in the first term is min(rho_t, delta) (value and gradient), for every sign of A_t
 
     Schulman et al. 2017, "Proximal Policy Optimization Algorithms", arXiv:1707.06347, Eq. 7 (eps_high = eps_low =
     0.2, the default); DAPO's clip-higher (Yu et al. 2025, arXiv:2503.14476, Eq. 10: eps_low = 0.2, eps_high = 0.28);
     dual-clip PPO (Ye et al. 2020, "Mastering Complex Control in MOBA Games with Deep Reinforcement Learning",
     arXiv:1912.09729, Eq. 5: bounds the loss of a negative-advantage token whose ratio has grown large; verl's
-    ``clip_ratio_c``, default 3 there, off here). GRPO and DAPO are this loss with their advantages and aggregation.
+    ``clip_ratio_c``, default 3 there, off here). ``delta`` is INTELLECT-2's two-sided clipping (Prime Intellect
+    2025, arXiv:2505.07291; TRL ``GRPOConfig.delta``, exactly TRL's ``coef_1 = clamp(coef_1, max=delta)`` before the
+    min; off by default, TRL recommends delta > 1 + eps_high): with A < 0 it bounds the loss at delta |A| like
+    dual-clip with c = delta. GRPO and DAPO are this loss with their advantages and aggregation.
+    ``is_weight_BT``: the rollout-correction weight (``jaxpost.losses.correction``), detached, multiplied onto l_t.
 
     Metrics (sum, count) over tokens: ``clip_frac_low`` (rho < 1 - eps_low and A < 0: clipped below, no gradient),
     ``clip_frac_high`` (rho > 1 + eps_high and A > 0), ``clip_frac`` (either; TRL's and verl's ``clipfrac``),
@@ -141,18 +167,23 @@ def ppo_clip(logp_BT: Float[Array, "B T"], old_logp_BT: Float[Array, "B T"], adv
     """
     eps_high = _eps_high(eps_low, eps_high)
     _check_clip(eps_low, eps_high, dual_clip)
+    _check_delta(delta)
     m_BT = _mask(mask_BT)
     log_ratio_BT = _log_ratio(logp_BT, old_logp_BT, m_BT)
     a_BT = _adv_BT(advantages, m_BT.shape)
     ratio_BT = jnp.exp(log_ratio_BT)
-    loss_BT = jnp.maximum(-a_BT * ratio_BT, -a_BT * jnp.clip(ratio_BT, 1.0 - eps_low, 1.0 + eps_high))
+    extra = {}
+    unclipped_BT = ratio_BT
+    if delta is not None:
+        unclipped_BT = jnp.minimum(ratio_BT, delta)
+        extra["clip_frac_delta"] = ratio_BT > delta
+    loss_BT = jnp.maximum(-a_BT * unclipped_BT, -a_BT * jnp.clip(ratio_BT, 1.0 - eps_low, 1.0 + eps_high))
     low_BT = (ratio_BT < 1.0 - eps_low) & (a_BT < 0)
     high_BT = (ratio_BT > 1.0 + eps_high) & (a_BT > 0)
-    extra = {}
     if dual_clip is not None:
         loss_BT = jnp.where(a_BT < 0, jnp.minimum(loss_BT, -dual_clip * a_BT), loss_BT)
         extra["clip_frac_dual"] = (ratio_BT > dual_clip) & (a_BT < 0)
-    loss_BT = jnp.where(m_BT > 0, loss_BT, 0.0)
+    loss_BT = _apply_is(loss_BT, is_weight_BT, m_BT)
     metrics = {**_token_metrics(m_BT, clip_frac_low=low_BT, clip_frac_high=high_BT, clip_frac=low_BT | high_BT,
                                 **extra),
                **_ratio_metrics(log_ratio_BT, m_BT)}
@@ -176,7 +207,8 @@ def _gspo_metrics(s_B, a_B, valid_B, eps_low, eps_high, log_ratio_BT, m_BT) -> M
 
 
 def gspo(logp_BT: Float[Array, "B T"], old_logp_BT: Float[Array, "B T"], advantages: Advantages,
-         mask_BT: Float[Array, "B T"], *, eps_low: float = 3e-4, eps_high: float | None = 4e-4) -> PolicyLossOutput:
+         mask_BT: Float[Array, "B T"], *, eps_low: float = 3e-4, eps_high: float | None = 4e-4,
+         is_weight_BT: Float[Array, "B T"] | None = None) -> PolicyLossOutput:
     """GSPO-token: the sequence-level ratio, clipped per sequence, with the token-level gradient form.
 
         s_i = exp( (1 / |y_i|) sum_t (logp_{i,t} - old_logp_{i,t}) )            (sequence ratio, length-normalised)
@@ -187,7 +219,9 @@ def gspo(logp_BT: Float[Array, "B T"], old_logp_BT: Float[Array, "B T"], advanta
     ``loss_mode="gspo"``). Clipping is decided per sequence (every token of a sequence shares the ratio), so a clipped
     sequence contributes no gradient at all. Advantages may differ per token (the point of GSPO-token); with one
     advantage per sequence and ``seq_mean_token_mean`` aggregation (the paper's 1/G sum_i; verl hard-codes it for
-    GSPO) the loss and its gradient equal the sequence form ``gspo_seq``. Default eps_low = 3e-4, eps_high = 4e-4
+    GSPO) the loss and its gradient equal the sequence form ``gspo_seq``. With one advantage per sequence, any
+    aggregation, this is also TRL's ``importance_sampling_level="sequence"`` for its clipped loss types (same values
+    and gradients; TRL's default epsilon is 0.2 there). Default eps_low = 3e-4, eps_high = 4e-4
     are the paper's (sequence ratios sit much closer to 1 than token ratios).
 
     Metrics: clip fractions and ``seq_ratio`` per sequence (sum, number of sequences); ``ratio``/``approx_kl`` per
@@ -202,15 +236,15 @@ def gspo(logp_BT: Float[Array, "B T"], old_logp_BT: Float[Array, "B T"], advanta
     s_BT = jnp.exp(jax.lax.stop_gradient(seq_log_ratio_B)[:, None] + token_term_BT)
     a_BT = _adv_BT(advantages, m_BT.shape)
     loss_BT = jnp.maximum(-a_BT * s_BT, -a_BT * jnp.clip(s_BT, 1.0 - eps_low, 1.0 + eps_high))
-    loss_BT = jnp.where(m_BT > 0, loss_BT, 0.0)
+    loss_BT = _apply_is(loss_BT, is_weight_BT, m_BT)
     s_B = jnp.exp(seq_log_ratio_B)
     a_B = jnp.sum(a_BT * m_BT, axis=-1) / jnp.maximum(n_B, 1.0)
     return loss_BT, _gspo_metrics(s_B, a_B, valid_B, eps_low, eps_high, log_ratio_BT, m_BT)
 
 
 def gspo_seq(logp_BT: Float[Array, "B T"], old_logp_BT: Float[Array, "B T"], advantages: Advantages,
-             mask_BT: Float[Array, "B T"], *, eps_low: float = 3e-4, eps_high: float | None = 4e-4
-             ) -> PolicyLossOutput:
+             mask_BT: Float[Array, "B T"], *, eps_low: float = 3e-4, eps_high: float | None = 4e-4,
+             is_weight_BT: Float[Array, "B T"] | None = None) -> PolicyLossOutput:
     """GSPO, sequence form: l_i = -min(s_i A_i, clip(s_i, 1 - eps_low, 1 + eps_high) A_i), s_i as in ``gspo``.
 
     Zheng et al. 2025, arXiv:2507.18071, Eq. 5-7: the gradient flows through s_i itself,
@@ -219,20 +253,58 @@ def gspo_seq(logp_BT: Float[Array, "B T"], old_logp_BT: Float[Array, "B T"], adv
     token of sequence i, so ``seq_mean_token_mean`` aggregation gives the paper's 1/G sum_i l_i (``token_mean`` would
     weight sequences by length). Metrics as ``gspo``.
     """
+    return _sequence_clip(logp_BT, old_logp_BT, advantages, mask_BT, eps_low, eps_high, is_weight_BT, mean=True)
+
+
+def _sequence_clip(logp_BT, old_logp_BT, advantages, mask_BT, eps_low, eps_high, is_weight_BT, *, mean: bool):
+    """PPO-clip on one ratio per sequence, exp(mean (mean=True, GSPO) or sum (RLOO) of the token log-ratios), the
+    sequence's loss on each of its response tokens."""
     eps_high = _eps_high(eps_low, eps_high)
     _check_clip(eps_low, eps_high)
     m_BT = _mask(mask_BT)
     n_B, valid_B, log_ratio_BT, seq_log_ratio_B = _gspo_sequence_terms(logp_BT, old_logp_BT, m_BT)
+    if not mean:
+        seq_log_ratio_B = jnp.sum(log_ratio_BT, axis=-1)
     a = jax.lax.stop_gradient(_f32(advantages))
     a_B = a if a.ndim == 1 else jnp.sum(a * m_BT, axis=-1) / jnp.maximum(n_B, 1.0)
     s_B = jnp.exp(seq_log_ratio_B)
     loss_B = jnp.maximum(-a_B * s_B, -a_B * jnp.clip(s_B, 1.0 - eps_low, 1.0 + eps_high))
-    loss_BT = jnp.where(m_BT > 0, loss_B[:, None], 0.0)
+    loss_BT = _apply_is(jnp.broadcast_to(loss_B[:, None], m_BT.shape), is_weight_BT, m_BT)
     return loss_BT, _gspo_metrics(s_B, a_B, valid_B, eps_low, eps_high, log_ratio_BT, m_BT)
 
 
+def luspo(logp_BT: Float[Array, "B T"], old_logp_BT: Float[Array, "B T"], advantages: Advantages,
+          mask_BT: Float[Array, "B T"], *, eps_low: float = 3e-4, eps_high: float | None = 4e-4,
+          is_weight_BT: Float[Array, "B T"] | None = None) -> PolicyLossOutput:
+    """LUSPO: GSPO's sequence loss l_i (``gspo_seq``) scaled by the sequence's length, |y_i| l_i.
+
+    "Length-Unbiased Sequence Policy Optimization" (arXiv:2602.05261; TRL ``loss_type="luspo"`` with
+    ``importance_sampling_level="sequence"``). GSPO's length-normalised ratio makes a sequence's gradient
+    s_i A_i (1 / |y_i|) sum_t grad logp_t, so long sequences get less weight per token; scaling by |y_i| restores
+    s_i A_i sum_t grad logp_t. The per-token loss returned is l_i on every response token, and the scaling by |y_i|
+    is the aggregation ``seq_mean_token_sum`` (sum over tokens / number of sequences, TRL's
+    ``(per_token_loss * mask).sum(-1).mean()``), which ``RLLossConfig`` requires with this loss. Defaults are
+    GSPO's eps (TRL's config default epsilon = 0.2 applies when set there). Metrics as ``gspo``.
+    """
+    return _sequence_clip(logp_BT, old_logp_BT, advantages, mask_BT, eps_low, eps_high, is_weight_BT, mean=True)
+
+
+def rloo_seq(logp_BT: Float[Array, "B T"], old_logp_BT: Float[Array, "B T"], advantages: Advantages,
+             mask_BT: Float[Array, "B T"], *, eps_low: float = 0.2, eps_high: float | None = None,
+             is_weight_BT: Float[Array, "B T"] | None = None) -> PolicyLossOutput:
+    """RLOO's sequence-level PPO-clip: s_i = exp(sum_t (logp_t - old_logp_t)) (the ratio of the whole sequence's
+    probabilities, not GSPO's geometric mean), l_i = -min(s_i A_i, clip(s_i, 1 - eps_low, 1 + eps_high) A_i).
+
+    TRL's ``RLOOTrainer`` (``_compute_loss``: ``log_ratio = logps - old_logps`` on summed log-probs,
+    ``loss = per_sequence_loss.mean()``); use it with ``seq_mean_token_mean`` (the mean over sequences) and RLOO
+    advantages. On-policy (s = 1) the gradient is -A_i sum_t grad logp_t per sequence. l_i is returned on every
+    response token of sequence i. Metrics as ``gspo`` (``seq_ratio`` is s_i).
+    """
+    return _sequence_clip(logp_BT, old_logp_BT, advantages, mask_BT, eps_low, eps_high, is_weight_BT, mean=False)
+
+
 def reinforce(logp_BT: Float[Array, "B T"], old_logp_BT: Float[Array, "B T"], advantages: Advantages,
-              mask_BT: Float[Array, "B T"]) -> PolicyLossOutput:
+              mask_BT: Float[Array, "B T"], *, is_weight_BT: Float[Array, "B T"] | None = None) -> PolicyLossOutput:
     """Plain REINFORCE (on-policy policy gradient): l_t = -A_t logp_t.
 
     Williams 1992, "Simple Statistical Gradient-Following Algorithms for Connectionist Reinforcement Learning"; with
@@ -242,22 +314,129 @@ def reinforce(logp_BT: Float[Array, "B T"], old_logp_BT: Float[Array, "B T"], ad
     """
     m_BT = _mask(mask_BT)
     a_BT = _adv_BT(advantages, m_BT.shape)
-    loss_BT = jnp.where(m_BT > 0, -a_BT * _f32(logp_BT), 0.0)
+    loss_BT = _apply_is(-a_BT * _f32(logp_BT), is_weight_BT, m_BT)
     return loss_BT, _ratio_metrics(_log_ratio(logp_BT, old_logp_BT, m_BT), m_BT)
+
+
+def cispo(logp_BT: Float[Array, "B T"], old_logp_BT: Float[Array, "B T"], advantages: Advantages,
+          mask_BT: Float[Array, "B T"], *, clip_max: float = 5.0, clip_min: float | None = None,
+          is_weight_BT: Float[Array, "B T"] | None = None) -> PolicyLossOutput:
+    """CISPO: clip the importance weight, not the update, and keep every token's gradient:
+
+        l_t = -sg(clip(rho_t, clip_min, clip_max)) A_t logp_t,   rho_t = exp(logp_t - old_logp_t)
+
+    MiniMax 2025, "MiniMax-M1", arXiv:2506.13585, Eq. 4-5: PPO's clip zeroes the gradient of tokens whose ratio
+    left the trust region (often the rare "However"/"Wait" tokens of a reasoning trace); CISPO bounds their weight
+    instead (a REINFORCE form with a truncated IS weight). The bounds are on the weight itself: ``clip_max`` is
+    TRL's ``epsilon_high`` for ``loss_type="cispo"`` (TRL: ``clamp(coef_1, max=epsilon_high)``, no lower bound;
+    ScaleRL's eps_max, recommended 5.0, the default here); verl's ``loss_mode="cispo"`` clips to
+    [1 - clip_ratio_low, 1 + clip_ratio_high], i.e. clip_min = 1 - clip_ratio_low, clip_max = 1 + clip_ratio_high.
+    TRL and the paper aggregate it as ``token_mean``. On-policy the gradient is REINFORCE's, -A_t grad logp_t.
+    Metrics: ``clip_frac`` (tokens whose weight was clipped), ``clip_frac_high``/``clip_frac_low``, ratio metrics.
+    """
+    _check(clip_max, lambda v: v > 0.0, "cispo clip_max must be > 0")
+    m_BT = _mask(mask_BT)
+    log_ratio_BT = _log_ratio(logp_BT, old_logp_BT, m_BT)
+    ratio_BT = jnp.exp(log_ratio_BT)
+    w_BT = jax.lax.stop_gradient(jnp.clip(ratio_BT, clip_min, clip_max))
+    loss_BT = _apply_is(-w_BT * _adv_BT(advantages, m_BT.shape) * _f32(logp_BT), is_weight_BT, m_BT)
+    high_BT = ratio_BT > clip_max
+    low_BT = (ratio_BT < clip_min) if clip_min is not None else jnp.zeros_like(high_BT)
+    return loss_BT, {**_token_metrics(m_BT, clip_frac=high_BT | low_BT, clip_frac_high=high_BT, clip_frac_low=low_BT),
+                     **_ratio_metrics(log_ratio_BT, m_BT)}
+
+
+def sapo(logp_BT: Float[Array, "B T"], old_logp_BT: Float[Array, "B T"], advantages: Advantages,
+         mask_BT: Float[Array, "B T"], *, tau_pos: float = 1.0, tau_neg: float = 1.05,
+         is_weight_BT: Float[Array, "B T"] | None = None) -> PolicyLossOutput:
+    """SAPO: a soft, temperature-controlled gate in place of the hard clip:
+
+        l_t = -(4 / tau) sigmoid(tau (rho_t - 1)) A_t,   tau = tau_pos if A_t > 0 else tau_neg
+
+    Gao et al. 2025, "Soft Adaptive Policy Optimization", arXiv:2511.20347 (Qwen); TRL ``loss_type="sapo"`` with
+    ``sapo_temperature_pos`` = 1.0 and ``sapo_temperature_neg`` = 1.05 (the defaults here). The gradient is
+    -A_t 4 sigma (1 - sigma) rho_t grad logp_t: exactly REINFORCE's at rho = 1, decaying smoothly as the ratio leaves
+    1 (faster for negative advantages, tau_neg > tau_pos), instead of PPO's cut to zero. TRL aggregates it per
+    sequence (``seq_mean_token_mean``, its "grpo" normalisation). Metrics: ``gate`` (4 sigma (1 - sigma), the
+    gradient's scale relative to REINFORCE at rho = 1), ratio metrics.
+    """
+    _check(tau_pos, lambda v: v > 0.0, "sapo tau_pos must be > 0")
+    _check(tau_neg, lambda v: v > 0.0, "sapo tau_neg must be > 0")
+    m_BT = _mask(mask_BT)
+    log_ratio_BT = _log_ratio(logp_BT, old_logp_BT, m_BT)
+    ratio_BT = jnp.exp(log_ratio_BT)
+    a_BT = _adv_BT(advantages, m_BT.shape)
+    tau_BT = jnp.where(a_BT > 0, tau_pos, tau_neg)
+    sig_BT = jax.nn.sigmoid(tau_BT * (ratio_BT - 1.0))
+    loss_BT = _apply_is(-sig_BT * 4.0 / tau_BT * a_BT, is_weight_BT, m_BT)
+    return loss_BT, {**_token_metrics(m_BT, gate=4.0 * sig_BT * (1.0 - sig_BT)), **_ratio_metrics(log_ratio_BT, m_BT)}
+
+
+def vespo(logp_BT: Float[Array, "B T"], old_logp_BT: Float[Array, "B T"], advantages: Advantages,
+          mask_BT: Float[Array, "B T"], *, k_pos: float = 2.0, lambda_pos: float = 3.0, k_neg: float = 3.0,
+          lambda_neg: float = 2.0, is_weight_BT: Float[Array, "B T"] | None = None) -> PolicyLossOutput:
+    """VESPO: a smooth Gamma-shaped weight on the sequence importance ratio, REINFORCE form:
+
+        log w_i = clamp(sum_t clamp(logp_t - old_logp_t, -20, 20) [+ sum_t log is_weight_t], log 1e-8, 20)
+        phi_i = exp(lambda + k log w_i - lambda w_i)   (= e^lambda w^k e^(-lambda w), phi(1) = 1; detached)
+        l_t = -phi_i A_t logp_t,   (k, lambda) = (k_pos, lambda_pos) if A >= 0 else (k_neg, lambda_neg)
+
+    "Variational Sequence-Level Soft Policy Optimization" (arXiv:2602.10693) as TRL 1.16 defines it
+    (``GRPOTrainer.get_gamma_weights``, ``loss_type="vespo"``, defaults k_pos 2, lambda_pos 3, k_neg 3,
+    lambda_neg 2): the ratio is the sequence's product of token ratios (a sum of log-ratios, not GSPO's mean);
+    phi down-weights sequences whose ratio is far from 1 on either side, smoothly. A rollout-correction weight is
+    folded into w (its log clamped to [log 1e-8, 20]) instead of multiplying the loss, as TRL does. TRL aggregates it
+    as ``token_mean``. On-policy (w = 1, phi = 1) the gradient is REINFORCE's. Metrics: ``phi`` per sequence,
+    ratio metrics.
+    """
+    m_BT = _mask(mask_BT)
+    n_B = jnp.sum(m_BT, axis=-1)
+    log_ratio_BT = _log_ratio(logp_BT, old_logp_BT, m_BT)
+    lower = math.log(1e-8)
+    log_w_B = jnp.sum(jnp.clip(log_ratio_BT, -20.0, 20.0) * m_BT, axis=-1)
+    if is_weight_BT is not None:
+        log_is_BT = jnp.clip(jnp.log(_f32(is_weight_BT)), lower, 20.0)
+        log_w_B = log_w_B + jnp.sum(jnp.where(m_BT > 0, log_is_BT, 0.0), axis=-1)
+    log_w_B = jax.lax.stop_gradient(jnp.clip(log_w_B, lower, 20.0))
+    a_BT = _adv_BT(advantages, m_BT.shape)
+    nonneg_BT = a_BT >= 0
+    k_BT = jnp.where(nonneg_BT, k_pos, k_neg)
+    lam_BT = jnp.maximum(jnp.where(nonneg_BT, lambda_pos, lambda_neg), 1e-4)
+    phi_BT = jnp.exp(lam_BT + k_BT * log_w_B[:, None] - lam_BT * jnp.exp(log_w_B)[:, None])
+    phi_BT = jnp.nan_to_num(phi_BT, nan=0.0, posinf=0.0, neginf=0.0)
+    loss_BT = jnp.where(m_BT > 0, -phi_BT * a_BT * _f32(logp_BT), 0.0)
+    phi_B = jnp.sum(phi_BT * m_BT, axis=-1) / jnp.maximum(n_B, 1.0)
+    return loss_BT, {**_seq_metrics(_f32(n_B > 0), phi=phi_B), **_ratio_metrics(log_ratio_BT, m_BT)}
 
 
 POLICY_LOSSES = Registry("policy loss", {
     "ppo": ppo_clip,
     "gspo": gspo,
     "gspo_seq": gspo_seq,
+    "luspo": luspo,
+    "rloo_seq": rloo_seq,
     "reinforce": reinforce,
+    "cispo": cispo,
+    "sapo": sapo,
+    "vespo": vespo,
+}, hparams={
+    "cispo": {"clip_max": "cispo_clip_max", "clip_min": "cispo_clip_min"},
+    "sapo": {"tau_pos": "sapo_tau_pos", "tau_neg": "sapo_tau_neg"},
+    "vespo": {"k_pos": "vespo_k_pos", "lambda_pos": "vespo_lambda_pos", "k_neg": "vespo_k_neg",
+              "lambda_neg": "vespo_lambda_neg"},
 })
-"""Name -> per-token policy loss. Uniform call: ``f(logp_BT, old_logp_BT, advantages, mask_BT, **hyper)``;
-hyperparameters: ppo ``eps_low, eps_high, dual_clip``; gspo, gspo_seq ``eps_low, eps_high``; reinforce none."""
+"""Name -> per-token policy loss. Uniform call: ``f(logp_BT, old_logp_BT, advantages, mask_BT, *,
+is_weight_BT=None, **hyper)``; hyperparameters (keyword <- ``RLLossConfig`` field): ppo ``eps_low, eps_high,
+dual_clip, delta``; gspo, gspo_seq, luspo, rloo_seq ``eps_low, eps_high``; reinforce none; cispo ``clip_max <-
+cispo_clip_max, clip_min <- cispo_clip_min``; sapo ``tau_pos <- sapo_tau_pos, tau_neg <- sapo_tau_neg``; vespo
+``k_pos, lambda_pos, k_neg, lambda_neg <- vespo_*``."""
+
+#: The aggregation a policy loss is defined with, where it has one (``RLLossConfig`` checks it).
+REQUIRED_AGGREGATION = {"luspo": "seq_mean_token_sum"}
 
 
 def get_policy_loss(name: str) -> Callable[..., PolicyLossOutput]:
-    """The policy loss registered under ``name`` (ppo, gspo, gspo_seq, reinforce)."""
+    """The policy loss registered under ``name`` (``POLICY_LOSSES``)."""
     return POLICY_LOSSES.get(name)
 
 
@@ -335,9 +514,19 @@ def seq_mean_token_sum_norm(loss_BT: Float[Array, "B T"], mask_BT: Float[Array, 
     return jnp.sum(jnp.where(m_BT > 0, _f32(loss_BT), 0.0)), n_seq * float(max_length)
 
 
+def seq_mean_token_sum(loss_BT: Float[Array, "B T"], mask_BT: Float[Array, "B T"], *, max_length: int | None = None
+                       ) -> tuple[Array, Array]:
+    """(sum_{b,t} l m, #sequences with n_b > 0): the mean over sequences of per-sequence token sums (verl
+    ``seq-mean-token-sum``; LUSPO's). ``max_length`` unused."""
+    m_BT = _mask(mask_BT)
+    _, n_seq = _seq_counts(m_BT)
+    return jnp.sum(jnp.where(m_BT > 0, _f32(loss_BT), 0.0)), n_seq
+
+
 LOSS_AGGREGATIONS = Registry("loss aggregation", {
     "token_mean": token_mean,
     "seq_mean_token_mean": seq_mean_token_mean,
+    "seq_mean_token_sum": seq_mean_token_sum,
     "seq_mean_token_sum_norm": seq_mean_token_sum_norm,
 })
 """Name -> ``f(loss_BT, mask_BT, *, max_length=None) -> (numerator, denominator)``; both are sums over rows, so they
@@ -345,7 +534,7 @@ add over micro-batches and psum over devices. The denominator depends on the mas
 
 
 def get_loss_aggregation(name: str) -> Callable[..., tuple[Array, Array]]:
-    """The loss aggregation registered under ``name`` (token_mean, seq_mean_token_mean, seq_mean_token_sum_norm)."""
+    """The loss aggregation registered under ``name`` (``LOSS_AGGREGATIONS``)."""
     return LOSS_AGGREGATIONS.get(name)
 
 

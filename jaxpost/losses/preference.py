@@ -112,6 +112,45 @@ def _logratios(chosen_logps_B, rejected_logps_B, ref_chosen_logps_B, ref_rejecte
     return c_B, r_B, s_c_B, s_r_B
 
 
+#: f-divergences of f-DPO (Wang et al. 2023): TRL's ``f_divergence_type`` values.
+F_DIVERGENCES = ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence")
+#: The losses that take ``f_divergence`` (those built on the score difference h, as in TRL 1.16).
+F_DIVERGENCE_LOSSES = frozenset({"sigmoid", "sigmoid_norm", "hinge", "ipo", "exo_pair", "robust", "discopop"})
+
+
+def f_divergence_scores(s_B: Array, f_divergence: str = "reverse_kl", f_alpha: float = 0.5) -> Array:
+    """The score f'(t) of a log-ratio s = log t = log(pi / ref) under f-DPO's divergence:
+    reverse_kl s (standard DPO); forward_kl 1 - exp(-s); js_divergence log 2 + log sigma(s);
+    alpha_divergence (exp((alpha - 1) s) - 1) / (alpha - 1) with (alpha - 1) s clamped at 80 (reverse_kl when
+    alpha = 1).
+
+    Wang et al. 2023, "Beyond Reverse KL: Generalizing Direct Preference Optimization with Diverse Divergence
+    Constraints", arXiv:2309.16240: the implicit reward beta f'(pi / ref) replaces beta log(pi / ref). Exactly
+    TRL 1.16's ``f_divergence_type`` / ``f_alpha_divergence_coef`` (``DPOTrainer._compute_loss``).
+    """
+    if f_divergence == "reverse_kl":
+        return s_B
+    if f_divergence == "forward_kl":
+        return -jnp.expm1(-s_B)
+    if f_divergence == "js_divergence":
+        return jnp.log(2.0) + jax.nn.log_sigmoid(s_B)
+    if f_divergence == "alpha_divergence":
+        if isinstance(f_alpha, Real) and abs(f_alpha - 1.0) < 1e-6:
+            return s_B
+        return jnp.expm1(jnp.minimum((f_alpha - 1.0) * s_B, 80.0)) / (f_alpha - 1.0)
+    raise ValueError(f"f_divergence must be one of {F_DIVERGENCES}, got {f_divergence!r}")
+
+
+def _scores(s_c_B, s_r_B, f_divergence, f_alpha):
+    return f_divergence_scores(s_c_B, f_divergence, f_alpha), f_divergence_scores(s_r_B, f_divergence, f_alpha)
+
+
+_F_DOC = """
+        f_divergence, f_alpha: f-DPO's divergence (``f_divergence_scores``): the scores f'(pi / ref) of the chosen
+            and rejected responses replace the log-ratios s_c, s_r in h (default reverse_kl: plain DPO).
+"""
+
+
 def _finish(loss_B, beta, c_B, r_B, s_c_B, s_r_B, chosen_tokens_B, sft_weight, sft_denominator, **extra) -> LossOutput:
     metrics = _pair_metrics(beta * s_c_B, beta * s_r_B, c_B, r_B, **extra)
     return _add_sft(loss_B, metrics, c_B, chosen_tokens_B, sft_weight, sft_denominator)
@@ -132,6 +171,8 @@ _COMMON_DOC = """
 
 def _doc(f: Callable) -> Callable:
     f.__doc__ = (f.__doc__ or "") + _COMMON_DOC
+    if "f_divergence" in f.__code__.co_varnames:
+        f.__doc__ += _F_DOC
     return f
 
 
@@ -143,7 +184,8 @@ def _doc(f: Callable) -> Callable:
 def dpo_sigmoid(chosen_logps_B: Float[Array, "B"], rejected_logps_B: Float[Array, "B"],
                 ref_chosen_logps_B: Float[Array, "B"], ref_rejected_logps_B: Float[Array, "B"], *,
                 beta: float = 0.1, label_smoothing: float = 0.0, chosen_tokens_B: TokenCount = None,
-                rejected_tokens_B: TokenCount = None, sft_weight: float = 0.0, sft_denominator=None) -> LossOutput:
+                rejected_tokens_B: TokenCount = None, sft_weight: float = 0.0, sft_denominator=None,
+                f_divergence: str = "reverse_kl", f_alpha: float = 0.5) -> LossOutput:
     """DPO: loss = -(1 - eps) log sigma(beta h) - eps log sigma(-beta h).
 
     Rafailov et al. 2023, "Direct Preference Optimization", arXiv:2305.18290, Eq. 7 (eps = 0). eps > 0 is
@@ -153,7 +195,8 @@ def dpo_sigmoid(chosen_logps_B: Float[Array, "B"], rejected_logps_B: Float[Array
     """
     _check(label_smoothing, lambda v: 0.0 <= v <= 0.5, "label_smoothing must lie in [0, 0.5]")
     c_B, r_B, s_c_B, s_r_B = _logratios(chosen_logps_B, rejected_logps_B, ref_chosen_logps_B, ref_rejected_logps_B)
-    z_B = beta * (s_c_B - s_r_B)
+    f_c_B, f_r_B = _scores(s_c_B, s_r_B, f_divergence, f_alpha)
+    z_B = beta * (f_c_B - f_r_B)
     loss_B = -(1.0 - label_smoothing) * jax.nn.log_sigmoid(z_B) - label_smoothing * jax.nn.log_sigmoid(-z_B)
     return _finish(loss_B, beta, c_B, r_B, s_c_B, s_r_B, chosen_tokens_B, sft_weight, sft_denominator)
 
@@ -162,7 +205,8 @@ def dpo_sigmoid(chosen_logps_B: Float[Array, "B"], rejected_logps_B: Float[Array
 def dpo_robust(chosen_logps_B: Float[Array, "B"], rejected_logps_B: Float[Array, "B"],
                ref_chosen_logps_B: Float[Array, "B"], ref_rejected_logps_B: Float[Array, "B"], *,
                beta: float = 0.1, label_smoothing: float = 0.0, chosen_tokens_B: TokenCount = None,
-               rejected_tokens_B: TokenCount = None, sft_weight: float = 0.0, sft_denominator=None) -> LossOutput:
+               rejected_tokens_B: TokenCount = None, sft_weight: float = 0.0, sft_denominator=None,
+               f_divergence: str = "reverse_kl", f_alpha: float = 0.5) -> LossOutput:
     """Robust DPO: loss = [-(1 - eps) log sigma(beta h) + eps log sigma(-beta h)] / (1 - 2 eps).
 
     Chowdhury et al. 2024, "Provably Robust DPO", arXiv:2403.00409: an unbiased loss when each label is flipped with
@@ -171,7 +215,8 @@ def dpo_robust(chosen_logps_B: Float[Array, "B"], rejected_logps_B: Float[Array,
     """
     _check(label_smoothing, lambda v: 0.0 <= v < 0.5, "robust DPO needs label_smoothing in [0, 0.5)")
     c_B, r_B, s_c_B, s_r_B = _logratios(chosen_logps_B, rejected_logps_B, ref_chosen_logps_B, ref_rejected_logps_B)
-    z_B = beta * (s_c_B - s_r_B)
+    f_c_B, f_r_B = _scores(s_c_B, s_r_B, f_divergence, f_alpha)
+    z_B = beta * (f_c_B - f_r_B)
     loss_B = (-(1.0 - label_smoothing) * jax.nn.log_sigmoid(z_B)
               + label_smoothing * jax.nn.log_sigmoid(-z_B)) / (1.0 - 2.0 * label_smoothing)
     return _finish(loss_B, beta, c_B, r_B, s_c_B, s_r_B, chosen_tokens_B, sft_weight, sft_denominator)
@@ -181,14 +226,16 @@ def dpo_robust(chosen_logps_B: Float[Array, "B"], rejected_logps_B: Float[Array,
 def dpo_hinge(chosen_logps_B: Float[Array, "B"], rejected_logps_B: Float[Array, "B"],
               ref_chosen_logps_B: Float[Array, "B"], ref_rejected_logps_B: Float[Array, "B"], *,
               beta: float = 0.1, chosen_tokens_B: TokenCount = None, rejected_tokens_B: TokenCount = None,
-              sft_weight: float = 0.0, sft_denominator=None) -> LossOutput:
+              sft_weight: float = 0.0, sft_denominator=None,
+              f_divergence: str = "reverse_kl", f_alpha: float = 0.5) -> LossOutput:
     """Hinge: loss = max(0, 1 - beta h); beta is the reciprocal of the margin.
 
     SLiC (Zhao et al. 2023, arXiv:2305.10425) with the normalised likelihood of RSO (Liu et al. 2023,
     "Statistical Rejection Sampling Improves Preference Optimization", arXiv:2309.06657). h = 0 gives 1.
     """
     c_B, r_B, s_c_B, s_r_B = _logratios(chosen_logps_B, rejected_logps_B, ref_chosen_logps_B, ref_rejected_logps_B)
-    loss_B = jax.nn.relu(1.0 - beta * (s_c_B - s_r_B))
+    f_c_B, f_r_B = _scores(s_c_B, s_r_B, f_divergence, f_alpha)
+    loss_B = jax.nn.relu(1.0 - beta * (f_c_B - f_r_B))
     return _finish(loss_B, beta, c_B, r_B, s_c_B, s_r_B, chosen_tokens_B, sft_weight, sft_denominator)
 
 
@@ -196,7 +243,8 @@ def dpo_hinge(chosen_logps_B: Float[Array, "B"], rejected_logps_B: Float[Array, 
 def dpo_ipo(chosen_logps_B: Float[Array, "B"], rejected_logps_B: Float[Array, "B"],
             ref_chosen_logps_B: Float[Array, "B"], ref_rejected_logps_B: Float[Array, "B"], *,
             beta: float = 0.1, length_normalize: bool = True, chosen_tokens_B: TokenCount = None,
-            rejected_tokens_B: TokenCount = None, sft_weight: float = 0.0, sft_denominator=None) -> LossOutput:
+            rejected_tokens_B: TokenCount = None, sft_weight: float = 0.0, sft_denominator=None,
+            f_divergence: str = "reverse_kl", f_alpha: float = 0.5) -> LossOutput:
     """IPO: loss = (h' - 1 / (2 beta))^2, beta the paper's tau.
 
     Azar et al. 2023, "A General Theoretical Paradigm to Understand Learning from Human Preferences",
@@ -207,10 +255,11 @@ def dpo_ipo(chosen_logps_B: Float[Array, "B"], rejected_logps_B: Float[Array, "B
     (as TRL 1.x logs them).
     """
     c_B, r_B, s_c_B, s_r_B = _logratios(chosen_logps_B, rejected_logps_B, ref_chosen_logps_B, ref_rejected_logps_B)
+    f_c_B, f_r_B = _scores(s_c_B, s_r_B, f_divergence, f_alpha)
     if length_normalize:
-        h_B = _per_token(s_c_B, chosen_tokens_B, "ipo") - _per_token(s_r_B, rejected_tokens_B, "ipo")
+        h_B = _per_token(f_c_B, chosen_tokens_B, "ipo") - _per_token(f_r_B, rejected_tokens_B, "ipo")
     else:
-        h_B = s_c_B - s_r_B
+        h_B = f_c_B - f_r_B
     loss_B = (h_B - 1.0 / (2.0 * beta)) ** 2
     return _finish(loss_B, beta, c_B, r_B, s_c_B, s_r_B, chosen_tokens_B, sft_weight, sft_denominator)
 
@@ -219,7 +268,8 @@ def dpo_ipo(chosen_logps_B: Float[Array, "B"], rejected_logps_B: Float[Array, "B
 def dpo_sigmoid_norm(chosen_logps_B: Float[Array, "B"], rejected_logps_B: Float[Array, "B"],
                      ref_chosen_logps_B: Float[Array, "B"], ref_rejected_logps_B: Float[Array, "B"], *,
                      beta: float = 0.1, chosen_tokens_B: TokenCount = None, rejected_tokens_B: TokenCount = None,
-                     sft_weight: float = 0.0, sft_denominator=None) -> LossOutput:
+                     sft_weight: float = 0.0, sft_denominator=None,
+                     f_divergence: str = "reverse_kl", f_alpha: float = 0.5) -> LossOutput:
     """Length-normalised DPO: loss = -log sigma(beta (s_c / n_c - s_r / n_r)).
 
     TRL's ``sigmoid_norm``: SimPO's length normalisation (Meng et al. 2024, arXiv:2405.14734) kept with the
@@ -227,7 +277,8 @@ def dpo_sigmoid_norm(chosen_logps_B: Float[Array, "B"], rejected_logps_B: Float[
     reference-free SimPO with a target margin see ``simpo``. Zero margin gives log 2.
     """
     c_B, r_B, s_c_B, s_r_B = _logratios(chosen_logps_B, rejected_logps_B, ref_chosen_logps_B, ref_rejected_logps_B)
-    h_B = _per_token(s_c_B, chosen_tokens_B, "sigmoid_norm") - _per_token(s_r_B, rejected_tokens_B, "sigmoid_norm")
+    f_c_B, f_r_B = _scores(s_c_B, s_r_B, f_divergence, f_alpha)
+    h_B = _per_token(f_c_B, chosen_tokens_B, "sigmoid_norm") - _per_token(f_r_B, rejected_tokens_B, "sigmoid_norm")
     loss_B = -jax.nn.log_sigmoid(beta * h_B)
     return _finish(loss_B, beta, c_B, r_B, s_c_B, s_r_B, chosen_tokens_B, sft_weight, sft_denominator)
 
@@ -236,7 +287,8 @@ def dpo_sigmoid_norm(chosen_logps_B: Float[Array, "B"], rejected_logps_B: Float[
 def dpo_exo_pair(chosen_logps_B: Float[Array, "B"], rejected_logps_B: Float[Array, "B"],
                  ref_chosen_logps_B: Float[Array, "B"], ref_rejected_logps_B: Float[Array, "B"], *,
                  beta: float = 0.1, label_smoothing: float = 1e-3, chosen_tokens_B: TokenCount = None,
-                 rejected_tokens_B: TokenCount = None, sft_weight: float = 0.0, sft_denominator=None) -> LossOutput:
+                 rejected_tokens_B: TokenCount = None, sft_weight: float = 0.0, sft_denominator=None,
+                 f_divergence: str = "reverse_kl", f_alpha: float = 0.5) -> LossOutput:
     """EXO (pairwise): loss = KL(q || p), q = (sigma(beta h), sigma(-beta h)), p = (1 - eps, eps):
     sigma(beta h) [log sigma(beta h) - log(1 - eps)] + sigma(-beta h) [log sigma(-beta h) - log eps].
 
@@ -246,7 +298,8 @@ def dpo_exo_pair(chosen_logps_B: Float[Array, "B"], rejected_logps_B: Float[Arra
     """
     _check(label_smoothing, lambda v: 0.0 < v < 1.0, "exo_pair needs label_smoothing (epsilon) in (0, 1), e.g. 1e-3")
     c_B, r_B, s_c_B, s_r_B = _logratios(chosen_logps_B, rejected_logps_B, ref_chosen_logps_B, ref_rejected_logps_B)
-    z_B = beta * (s_c_B - s_r_B)
+    f_c_B, f_r_B = _scores(s_c_B, s_r_B, f_divergence, f_alpha)
+    z_B = beta * (f_c_B - f_r_B)
     log_qw_B, log_ql_B = jax.nn.log_sigmoid(z_B), jax.nn.log_sigmoid(-z_B)
     loss_B = (jnp.exp(log_qw_B) * (log_qw_B - jnp.log1p(-label_smoothing))
               + jnp.exp(log_ql_B) * (log_ql_B - jnp.log(label_smoothing)))
@@ -398,7 +451,8 @@ def dpo_apo_down(chosen_logps_B: Float[Array, "B"], rejected_logps_B: Float[Arra
 def dpo_discopop(chosen_logps_B: Float[Array, "B"], rejected_logps_B: Float[Array, "B"],
                  ref_chosen_logps_B: Float[Array, "B"], ref_rejected_logps_B: Float[Array, "B"], *,
                  beta: float = 0.1, tau: float = 0.05, chosen_tokens_B: TokenCount = None,
-                 rejected_tokens_B: TokenCount = None, sft_weight: float = 0.0, sft_denominator=None) -> LossOutput:
+                 rejected_tokens_B: TokenCount = None, sft_weight: float = 0.0, sft_denominator=None,
+                 f_divergence: str = "reverse_kl", f_alpha: float = 0.5) -> LossOutput:
     """DiscoPOP (log-ratio modulated loss): with x = beta h and m = sigma(x / tau),
     loss = (1 - m) (-log sigma(x)) + m exp(-x).
 
@@ -408,7 +462,8 @@ def dpo_discopop(chosen_logps_B: Float[Array, "B"], rejected_logps_B: Float[Arra
     gradient where exp(-x) alone would overflow. x = 0 gives (log 2 + 1) / 2.
     """
     c_B, r_B, s_c_B, s_r_B = _logratios(chosen_logps_B, rejected_logps_B, ref_chosen_logps_B, ref_rejected_logps_B)
-    x_B = beta * (s_c_B - s_r_B)
+    f_c_B, f_r_B = _scores(s_c_B, s_r_B, f_divergence, f_alpha)
+    x_B = beta * (f_c_B - f_r_B)
     m_B = jax.nn.sigmoid(x_B / tau)
     loss_B = -(1.0 - m_B) * jax.nn.log_sigmoid(x_B) + jnp.exp(-x_B + jax.nn.log_sigmoid(x_B / tau))
     return _finish(loss_B, beta, c_B, r_B, s_c_B, s_r_B, chosen_tokens_B, sft_weight, sft_denominator)

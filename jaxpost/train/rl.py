@@ -7,6 +7,8 @@ a sequence for the sequence-level aggregations and GSPO. The update step reads [
     old_logp      float32  log-probs of the sampled tokens under the policy that sampled them (the scoring pass)
     advantages    float32  per token (sequence-level estimators broadcast over the completion)
     ref_logp      float32  under the reference policy (only with a KL term in the loss)
+    is_weight     float32  the rollout-correction weight pi_old / pi_sampler, truncated or masked (only with
+                           `RLLossConfig.rollout_correction`; `jaxpost.losses.rollout_correction`)
     old_values, returns    float32  (only with a value model: the scoring pass's values and GAE's returns)
 
 Normalisation: the loss of a step is sum over its micro-batches and devices of numerator / D, with D the global
@@ -96,6 +98,8 @@ def batch_keys(model: PolicyModel, loss_cfg: RLLossConfig) -> tuple[str, ...]:
     keys = ROW_KEYS + ("old_logp", "advantages")
     if loss_cfg.kl_in_loss:
         keys += ("ref_logp",)
+    if loss_cfg.rollout_correction != "none":
+        keys += ("is_weight",)
     if model.value != "none":
         keys += ("old_values", "returns")
     return keys
@@ -136,13 +140,15 @@ class PolicyGradient(Objective):
         out = lm.token_logprobs(params["policy"], h_BTD, mb["targets"], temperature=self.temperature,
                                 return_entropy=True, impl=self.logprobs_impl)
         m_BT = mb["loss_mask"].astype(jnp.float32)
-        loss_BT, metrics = self.policy_loss(out.logp, mb["old_logp"], mb["advantages"], m_BT, **self.policy_kwargs)
+        loss_BT, metrics = self.policy_loss(out.logp, mb["old_logp"], mb["advantages"], m_BT,
+                                            is_weight_BT=mb.get("is_weight"), **self.policy_kwargs)
         metrics = dict(metrics)
         n = jnp.sum(m_BT)
         metrics["entropy"] = (jnp.sum(jax.lax.stop_gradient(out.entropy) * m_BT), n)
         pg = aggregate_loss(loss_BT, m_BT, mode=cfg.aggregation, denominator=denom)
         if cfg.kl_in_loss:
-            kl_BT = kl_loss(out.logp, mb["ref_logp"], m_BT, beta=1.0, estimator=cfg.kl_estimator)
+            kl_BT = kl_loss(out.logp, mb["ref_logp"], m_BT, beta=1.0, estimator=cfg.kl_estimator,
+                            old_logp_BT=mb["old_logp"] if cfg.kl_importance_weighted else None)
             metrics["kl_ref"] = (jnp.sum(jax.lax.stop_gradient(kl_BT)), n)
             loss_BT = loss_BT + cfg.kl_coef * kl_BT
         if cfg.entropy_coef > 0:

@@ -26,6 +26,7 @@ so a run resumed from a checkpoint (state + prompt-iterator state) continues exa
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import time
 from collections.abc import Iterator, Sequence
@@ -35,7 +36,8 @@ import numpy as np
 
 from jaxpost.batch import ROW_KEYS, split_microbatches
 from jaxpost.config import AdvantageConfig, RLLossConfig, RolloutConfig, check_rl
-from jaxpost.losses import dynamic_sampling_keep, overlong_penalty
+from jaxpost.losses import dynamic_sampling_keep, overlong_penalty, rollout_correction
+from jaxpost.models.lm import LM
 from jaxpost.rollout import Rollout, Sampler, SamplingConfig, rollout_batch
 from jaxpost.tokenizers import decode_completion
 from jaxpost.train.rl import PolicyGradient, PolicyModel, batch_keys, compute_advantages, make_rl_scorer
@@ -104,6 +106,14 @@ class Samples:
         return self.rounds[0]
 
 
+def sampler_lm(lm: LM, dtype: str | None) -> LM:
+    """The model the sampler runs: `lm` itself, or the same architecture computing in `dtype` (its params are the
+    policy's, read in place): the sampler / trainer precision mismatch of inference engines."""
+    if dtype is None or dtype == lm.cfg.dtype:
+        return lm
+    return LM(dataclasses.replace(lm.cfg, dtype=dtype), lm.lora)
+
+
 class RLTrainer:
     """Runs RL iterations for one policy model on one mesh (see the module docstring).
 
@@ -130,7 +140,11 @@ class RLTrainer:
         self.ref_params, self.learned_reward, self.learned_weight = ref_params, learned_reward, learned_reward_weight
         self.accuracy_key = accuracy_key
         self.grad_accum = grad_accum
-        self.sampler = Sampler(model.lm, mesh, pad_id=tokenizer.pad_id, min_prompt_bucket=rollout.max_prompt_len)
+        if loss.rollout_correction != "none" and rollout.old_logp != "trainer":
+            raise ValueError("RLLossConfig.rollout_correction needs the trainer's old log-probs beside the sampler's: "
+                             "set RolloutConfig.old_logp='trainer'")
+        self.sampler = Sampler(sampler_lm(model.lm, rollout.sampler_dtype), mesh, pad_id=tokenizer.pad_id,
+                               min_prompt_bucket=rollout.max_prompt_len)
         self.sampling = SamplingConfig(max_new_tokens=rollout.max_new_tokens, temperature=rollout.temperature,
                                        top_k=rollout.top_k, top_p=rollout.top_p, n_samples=rollout.group_size,
                                        stop_ids=tuple(tokenizer.stop_ids))
@@ -146,6 +160,9 @@ class RLTrainer:
                                          policy=self.trainer_logp, logprobs_impl=logprobs_impl)
         self._advantages = jax.jit(compute_advantages,
                                    static_argnames=("cfg", "group_size", "kl_coef", "kl_estimator"))
+        self._correction = jax.jit(functools.partial(
+            rollout_correction, mode=loss.rollout_correction, clip_min=loss.correction_clip_min,
+            clip_max=loss.correction_clip_max))
 
     # -- one iteration --------------------------------------------------------------------------------------------
     def iteration(self, state, prompts: Iterator[list]):
@@ -259,6 +276,10 @@ class RLTrainer:
                  "advantages": np.asarray(adv)}
         if lc.kl_in_loss:
             batch["ref_logp"] = scored["ref_logp"]
+        if lc.rollout_correction != "none":
+            weight, info = jax.device_get(self._correction(scored["logp"], scored["sample_logp"], mask))
+            batch["is_weight"] = np.asarray(weight)
+            batch["correction"] = {k: float(v) for k, v in info.items()}
         if self.model.value != "none":
             batch["old_values"] = scored["values"]
             batch["returns"] = np.asarray(returns)
@@ -288,6 +309,7 @@ class RLTrainer:
         adv = batch["advantages"]
         out = {k: float(np.mean([float(sm[k]) for sm in step_metrics])) for k in step_metrics[0]}
         out["first_update_ratio"] = float(step_metrics[0]["ratio"])
+        out.update({f"correction/{k}": v for k, v in batch.get("correction", {}).items()})
         out["first_update_clip_frac"] = float(step_metrics[0].get("clip_frac", 0.0))
         out.update({
             "reward_mean": float(first.rewards.mean()), "reward_std": float(first.rewards.std()),
