@@ -751,7 +751,7 @@ def test_bfloat16_inputs_compute_in_float32():
 def test_registries_cover_trl_names_and_report_unknown_ones():
     assert set(TRL_DPO_LOSS_TYPES) | {"aot_pair"} == set(DPO_LOSSES)
     assert DPO_LOSSES["aot_pair"] is DPO_LOSSES["aot_unpaired"]
-    assert set(REFERENCE_FREE_LOSSES) == {"simpo", "orpo"}
+    assert set(REFERENCE_FREE_LOSSES) == {"simpo", "alphapo", "cpo", "cpo_hinge", "cpo_ipo", "orpo"}
     assert set(UNPAIRED_LOSSES) == {"kto", "apo_zero_unpaired"}
     assert set(REWARD_LOSSES) == {"bradley_terry"}
     for get, table in ((get_dpo_loss, DPO_LOSSES), (get_reference_free_loss, REFERENCE_FREE_LOSSES),

@@ -502,12 +502,65 @@ def get_dpo_loss(name: str) -> Callable[..., LossOutput]:
 
 
 # ----------------------------------------------------------------------------------------------------------------------
+# per-token inputs of the preference losses: length desensitisation (LD-DPO), WPO's weights
+
+
+def ld_sequence_logps(chosen_logp_BT: Float[Array, "B T"], chosen_mask_BT: Float[Array, "B T"],
+                      rejected_logp_BT: Float[Array, "B T"], rejected_mask_BT: Float[Array, "B T"], *,
+                      ld_alpha: float) -> tuple[Float[Array, "B"], Float[Array, "B"]]:
+    """LD-DPO's length-desensitised sequence log-probs of a pair: the first min(n_c, n_r) completion tokens of each
+    response count fully, the rest (the longer response's tail) with weight ld_alpha:
+
+        logp = sum_{k <= min(n_c, n_r)} logp_k + ld_alpha sum_{k > min(n_c, n_r)} logp_k
+
+    Liu et al. 2024, "Length Desensitization in Direct Preference Optimization", arXiv:2409.06411; TRL
+    ``DPOConfig.ld_alpha`` (applied to the policy's and the reference's log-probs alike). k counts completion tokens
+    (mask positions) from the first; ld_alpha = 1 is plain DPO, 0 cuts the longer response at the shorter's length.
+    Feed the results to any DPO loss in place of the summed log-probs.
+    """
+    _check(ld_alpha, lambda v: 0.0 <= v <= 1.0, "ld_alpha must lie in [0, 1]")
+    mc_BT, mr_BT = _f32(jnp.asarray(chosen_mask_BT) > 0), _f32(jnp.asarray(rejected_mask_BT) > 0)
+    shared_B1 = jnp.minimum(jnp.sum(mc_BT, -1), jnp.sum(mr_BT, -1))[:, None]
+
+    def weighted(logp_BT, m_BT):
+        rank_BT = jnp.cumsum(m_BT, axis=-1)
+        w_BT = jnp.where(rank_BT <= shared_B1, 1.0, ld_alpha) * m_BT
+        return jnp.sum(jnp.where(m_BT > 0, _f32(logp_BT), 0.0) * w_BT, axis=-1)
+
+    return weighted(chosen_logp_BT, mc_BT), weighted(rejected_logp_BT, mr_BT)
+
+
+def wpo_weights(logp_BT: Float[Array, "B T"], log_sum_sq_BT: Float[Array, "B T"], mask_BT: Float[Array, "B T"]
+                ) -> Float[Array, "B"]:
+    """WPO's per-response weight exp(mean_t (logp_t - log sum_v p_v(t)^2)) over the completion tokens, detached.
+
+    Zhou et al. 2024, "WPO: Enhancing RLHF with Weighted Preference Optimization", arXiv:2406.11827, Eq. 2 with the
+    sampling-aligned probabilities: how likely the current policy is to produce the response, normalised by each
+    position's sum of squared probabilities (``jaxpost.ops.token_log_sum_sq_probs``). A pair's loss is multiplied
+    by w(chosen) w(rejected) (TRL ``DPOConfig.use_weighting``), which makes off-policy pairs count less.
+    """
+    m_BT = _f32(jnp.asarray(mask_BT) > 0)
+    d_BT = jnp.where(m_BT > 0, _f32(logp_BT) - _f32(log_sum_sq_BT), 0.0)
+    mean_B = jnp.sum(d_BT, axis=-1) / jnp.maximum(jnp.sum(m_BT, axis=-1), 1.0)
+    return jax.lax.stop_gradient(jnp.exp(mean_B))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
 # reference-free pairwise losses
+
+
+def alpha_reward(mean_logps_B: Array, alpha: float) -> Array:
+    """AlphaPO's reward shape r = (1 - p^(-alpha)) / alpha of p = exp(mean log-prob), -expm1(-alpha m) / alpha;
+    alpha = 0 gives m itself (SimPO's length-normalised log-likelihood). Gupta et al. 2025, "AlphaPO: Reward
+    Shape Matters for LLM Alignment", arXiv:2501.03884; TRL ``CPOConfig.alpha``."""
+    if isinstance(alpha, Real) and alpha == 0:
+        return mean_logps_B
+    return -jnp.expm1(-alpha * mean_logps_B) / alpha
 
 
 def simpo(chosen_logps_B: Float[Array, "B"], rejected_logps_B: Float[Array, "B"], *,
           chosen_tokens_B: Float[Array, "B"], rejected_tokens_B: Float[Array, "B"], beta: float = 0.1,
-          gamma: float = 0.5, label_smoothing: float = 0.0, sft_weight: float = 0.0,
+          gamma: float = 0.5, label_smoothing: float = 0.0, alpha: float = 0.0, sft_weight: float = 0.0,
           sft_denominator=None) -> LossOutput:
     """SimPO: with z = beta (pi_c / n_c - pi_r / n_r) - gamma,
     loss = -(1 - eps) log sigma(z) - eps log sigma(-z).
@@ -517,20 +570,82 @@ def simpo(chosen_logps_B: Float[Array, "B"], rejected_logps_B: Float[Array, "B"]
     ``CPOTrainer`` (``loss_type="simpo"``, ``simpo_gamma``, label smoothing, averaged log-probs): beta, gamma and eps
     default to TRL's ``CPOConfig`` (the paper tunes beta in 2..10, gamma / beta in 0.3..1.6). ``sft_weight`` is
     TRL's ``cpo_alpha`` (TRL default 1.0 for CPO; SimPO uses 0, the default here); ``sft_denominator`` as in the DPO
-    losses. Inputs are summed log-probs and token counts; equal per-token log-probs give log(1 + e^gamma).
-    Metrics: rewards beta * pi / n, ``chosen_logps``/``rejected_logps`` the per-token means.
+    losses.
+    Inputs are summed log-probs and token counts; equal per-token log-probs give log(1 + e^gamma).
+    ``alpha`` != 0 is AlphaPO (registered as ``alphapo``): the rewards beta * pi / n become beta * r with
+    r = (1 - p^(-alpha)) / alpha, p = exp(pi / n) (``alpha_reward``; TRL ``CPOConfig(loss_type="alphapo", alpha=...)``,
+    whose own default alpha 0 is SimPO). Metrics: rewards (beta * pi / n, or beta * r), ``chosen_logps``/
+    ``rejected_logps`` the per-token means.
     """
     c_B, r_B = _f32(chosen_logps_B), _f32(rejected_logps_B)
     mc_B, mr_B = _per_token(c_B, chosen_tokens_B, "simpo"), _per_token(r_B, rejected_tokens_B, "simpo")
-    z_B = beta * (mc_B - mr_B) - gamma
+    rc_B, rr_B = alpha_reward(mc_B, alpha), alpha_reward(mr_B, alpha)
+    z_B = beta * (rc_B - rr_B) - gamma
     loss_B = -(1.0 - label_smoothing) * jax.nn.log_sigmoid(z_B) - label_smoothing * jax.nn.log_sigmoid(-z_B)
-    metrics = _pair_metrics(beta * mc_B, beta * mr_B, mc_B, mr_B)
+    metrics = _pair_metrics(beta * rc_B, beta * rr_B, mc_B, mr_B)
     return _add_sft(loss_B, metrics, c_B, chosen_tokens_B, sft_weight, sft_denominator)
+
+
+def _cpo(form: str, chosen_logps_B, rejected_logps_B, chosen_tokens_B, rejected_tokens_B, beta, label_smoothing,
+         alpha, sft_weight, sft_denominator) -> LossOutput:
+    c_B, r_B = _f32(chosen_logps_B), _f32(rejected_logps_B)
+    if form == "ipo":  # TRL averages the log-probs over tokens for ipo, sums them for sigmoid and hinge
+        xc_B, xr_B = _per_token(c_B, chosen_tokens_B, "cpo_ipo"), _per_token(r_B, rejected_tokens_B, "cpo_ipo")
+    else:
+        xc_B, xr_B = c_B, r_B
+    rc_B, rr_B = alpha_reward(xc_B, alpha), alpha_reward(xr_B, alpha)
+    h_B = rc_B - rr_B
+    if form == "sigmoid":
+        loss_B = (-(1.0 - label_smoothing) * jax.nn.log_sigmoid(beta * h_B)
+                  - label_smoothing * jax.nn.log_sigmoid(-beta * h_B))
+    elif form == "hinge":
+        loss_B = jax.nn.relu(1.0 - beta * h_B)
+    else:
+        loss_B = (h_B - 1.0 / (2.0 * beta)) ** 2
+    metrics = _pair_metrics(beta * rc_B, beta * rr_B, c_B, r_B)
+    return _add_sft(loss_B, metrics, c_B, chosen_tokens_B, sft_weight, sft_denominator)
+
+
+def cpo(chosen_logps_B: Float[Array, "B"], rejected_logps_B: Float[Array, "B"], *,
+        chosen_tokens_B: TokenCount = None, rejected_tokens_B: TokenCount = None, beta: float = 0.1,
+        label_smoothing: float = 0.0, alpha: float = 0.0, sft_weight: float = 1.0, sft_denominator=None
+        ) -> LossOutput:
+    """CPO: the DPO sigmoid loss without a reference, on summed log-probs, plus an NLL term on the chosen response:
+    loss = -(1 - eps) log sigma(beta (pi_c - pi_r)) - eps log sigma(-beta (pi_c - pi_r)) + sft_weight NLL(chosen).
+
+    Xu et al. 2024, "Contrastive Preference Optimization", arXiv:2401.08417, Eq. 3 (the reference dropped: the
+    paper's uniform-reference approximation); TRL ``CPOTrainer`` ``loss_type="sigmoid"``, whose ``cpo_alpha``
+    (default 1.0, the default of ``sft_weight`` here) weighs the NLL. TRL takes that NLL as the token mean over the
+    batch's chosen tokens: ``sft_denominator`` = total chosen tokens / batch size reproduces it (see the DPO
+    losses); the default is each sequence's token mean. ``alpha`` != 0 applies AlphaPO's reward shape
+    (``alpha_reward``) to the summed log-probs, as TRL does. pi_c = pi_r gives log 2 + the NLL term.
+    """
+    return _cpo("sigmoid", chosen_logps_B, rejected_logps_B, chosen_tokens_B, rejected_tokens_B, beta,
+                label_smoothing, alpha, sft_weight, sft_denominator)
+
+
+def cpo_hinge(chosen_logps_B: Float[Array, "B"], rejected_logps_B: Float[Array, "B"], *,
+              chosen_tokens_B: TokenCount = None, rejected_tokens_B: TokenCount = None, beta: float = 0.1,
+              alpha: float = 0.0, sft_weight: float = 1.0, sft_denominator=None) -> LossOutput:
+    """CPO with the hinge loss: max(0, 1 - beta (pi_c - pi_r)) on summed log-probs + sft_weight NLL(chosen).
+    TRL ``CPOTrainer`` ``loss_type="hinge"`` (SLiC without a reference). See ``cpo`` for the NLL term."""
+    return _cpo("hinge", chosen_logps_B, rejected_logps_B, chosen_tokens_B, rejected_tokens_B, beta, 0.0, alpha,
+                sft_weight, sft_denominator)
+
+
+def cpo_ipo(chosen_logps_B: Float[Array, "B"], rejected_logps_B: Float[Array, "B"], *,
+            chosen_tokens_B: TokenCount = None, rejected_tokens_B: TokenCount = None, beta: float = 0.1,
+            alpha: float = 0.0, sft_weight: float = 1.0, sft_denominator=None) -> LossOutput:
+    """CPO with the IPO loss: (pi_c / n_c - pi_r / n_r - 1 / (2 beta))^2 on per-token mean log-probs (TRL averages
+    them for ipo) + sft_weight NLL(chosen). TRL ``CPOTrainer`` ``loss_type="ipo"``. See ``cpo``."""
+    return _cpo("ipo", chosen_logps_B, rejected_logps_B, chosen_tokens_B, rejected_tokens_B, beta, 0.0, alpha,
+                sft_weight, sft_denominator)
 
 
 def orpo(chosen_logps_B: Float[Array, "B"], rejected_logps_B: Float[Array, "B"], *,
          chosen_tokens_B: Float[Array, "B"], rejected_tokens_B: Float[Array, "B"], beta: float = 0.1,
-         sft_denominator=None) -> LossOutput:
+         sft_denominator=None, nll_logps_B: Float[Array, "B"] | None = None,
+         nll_tokens_B: Float[Array, "B"] | None = None) -> LossOutput:
     """ORPO: loss = NLL(chosen) - beta log sigma(log odds(y_c) - log odds(y_r)), odds(y) = p / (1 - p).
 
     Hong et al. 2024, "ORPO: Monolithic Preference Optimization without Reference Model", arXiv:2403.07691, Eq. 6-7
@@ -540,6 +655,11 @@ def orpo(chosen_logps_B: Float[Array, "B"], rejected_logps_B: Float[Array, "B"],
     chosen NLL. NLL(chosen) = -pi_c / d with d = n_c (per-sequence token mean, the paper's L_SFT) by default; TRL
     takes the token mean over the whole batch's chosen tokens, obtained exactly with
     ``sft_denominator = total chosen tokens / global batch size`` (see the DPO losses).
+    ``nll_logps_B`` / ``nll_tokens_B``: the summed log-probs and count of the tokens the NLL covers, when they are not
+    the chosen completion's: TRL's ``ORPOTrainer`` takes the NLL over the chosen row's prompt *and* completion (every
+    non-padding target: ``labels = input_ids`` where attended), the paper over the completion (the default; the
+    preference objective's ``orpo_nll="sequence"`` passes the full row). With TRL's form, d = nll_tokens by
+    default, or ``sft_denominator`` = total such tokens / batch size for TRL's batch token mean.
     log(1 - exp(m)) is evaluated stably and with m clamped to <= -1e-6, so padded rows (pi = 0) stay finite.
     Metrics: ``chosen_rewards = beta m_c`` (TRL), ``nll``, ``log_odds_ratio`` (log sigma(...), TRL logs its mean),
     ``log_odds_chosen`` (the log odds ratio itself).
@@ -548,14 +668,26 @@ def orpo(chosen_logps_B: Float[Array, "B"], rejected_logps_B: Float[Array, "B"],
     mc_B, mr_B = _per_token(c_B, chosen_tokens_B, "orpo"), _per_token(r_B, rejected_tokens_B, "orpo")
     log_odds_B = (mc_B - mr_B) - (_log1mexp(mc_B) - _log1mexp(mr_B))
     ratio_B = jax.nn.log_sigmoid(log_odds_B)
-    nll_B = _sft_nll(c_B, chosen_tokens_B, sft_denominator, "orpo")
+    if (nll_logps_B is None) != (nll_tokens_B is None):
+        raise ValueError("orpo: pass nll_logps_B and nll_tokens_B together (the NLL's tokens), or neither")
+    if nll_logps_B is None:
+        nll_B = _sft_nll(c_B, chosen_tokens_B, sft_denominator, "orpo")
+    else:
+        nll_B = _sft_nll(_f32(nll_logps_B), nll_tokens_B, sft_denominator, "orpo")
     loss_B = nll_B - beta * ratio_B
     metrics = _pair_metrics(beta * mc_B, beta * mr_B, mc_B, mr_B, nll=nll_B, log_odds_ratio=ratio_B,
                             log_odds_chosen=log_odds_B)
     return loss_B, metrics
 
 
-REFERENCE_FREE_LOSSES = Registry("reference-free loss", {"simpo": simpo, "orpo": orpo}, data=_PREFERENCE_DATA)
+REFERENCE_FREE_LOSSES = Registry("reference-free loss", {
+    "simpo": simpo,
+    "alphapo": simpo,  # SimPO with AlphaPO's reward shape: set alpha != 0 (TRL's CPOConfig loss_type="alphapo")
+    "cpo": cpo,
+    "cpo_hinge": cpo_hinge,
+    "cpo_ipo": cpo_ipo,
+    "orpo": orpo,
+}, data=_PREFERENCE_DATA)
 """Uniform call: ``f(pi_c, pi_r, chosen_tokens_B=..., rejected_tokens_B=..., **hyperparameters)``."""
 
 

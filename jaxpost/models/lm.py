@@ -15,7 +15,7 @@ from flax import nnx
 from jaxpost.config import ModelConfig
 from jaxpost.models import lora as lora_lib
 from jaxpost.models.lora import LoRAConfig
-from jaxpost.ops import token_logprobs
+from jaxpost.ops import token_log_sum_sq_probs, token_logprobs
 from jaxpost.sharding import param_logical_axes, tree_shardings
 from jaxpost.models.transformer import KVCache, Transformer
 
@@ -101,6 +101,11 @@ class LM:
         w, vocab_major = self.output_layer(params)
         return token_logprobs(hidden, w, targets, temperature=temperature, return_entropy=return_entropy,
                               impl=impl, vocab_major=vocab_major)
+
+    def log_sum_sq_probs(self, params, hidden, *, temperature: float = 1.0):
+        """`jaxpost.ops.token_log_sum_sq_probs` of this model's output layer (WPO's weights; detached)."""
+        w, vocab_major = self.output_layer(params)
+        return token_log_sum_sq_probs(hidden, w, temperature=temperature, vocab_major=vocab_major)
 
     def logits(self, params, tokens_BT, positions_BT=None, segment_ids_BT=None):
         """Float32 [B, T, V] logits: for inspection, tests and small-vocabulary decoding only."""

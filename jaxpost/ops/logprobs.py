@@ -271,3 +271,36 @@ def token_logprobs(
         logp, lse = logp[0], lse[0]
         ent = None if ent is None else ent[0]
     return TokenLogprobs(logp, lse, ent if return_entropy else None)
+
+
+def token_log_sum_sq_probs(
+    hidden: Float[Array, "B T D"],
+    unembed: Float[Array, "D V"],
+    *,
+    temperature: float = 1.0,
+    vocab_major: bool = False,
+    chunk_budget_bytes: int | None = None,
+) -> Float[Array, "B T"]:
+    """log sum_v p_v^2 of each position's next-token distribution p = softmax(hidden @ unembed / temperature):
+    logsumexp(2 z) - 2 logsumexp(z), float32 [B, T], detached (no gradient flows: a weight, not a loss term).
+
+    WPO's sampling-aligned log-probability is logp_t - log sum_v p_v^2 (Zhou et al. 2024, arXiv:2406.11827, Eq. 2;
+    TRL's ``log_sum_sq_probs``). Computed in token chunks like the chunked log-prob path, so no [tokens x vocab]
+    array outlives its chunk.
+    """
+    if temperature <= 0:
+        raise ValueError(f"token_log_sum_sq_probs: temperature must be > 0, got {temperature}")
+    h_BTD = jax.lax.stop_gradient(hidden)
+    w_DV = jax.lax.stop_gradient(unembed.T if vocab_major else unembed)
+    B, T = h_BTD.shape[:2]
+    n_chunks = _num_chunks(B, T, w_DV.shape[1], chunk_budget_bytes or DEFAULT_CHUNK_BUDGET_BYTES)
+    inv_temp = 1.0 / temperature
+
+    def body(_, h_BCD):
+        Bc, C = h_BCD.shape[:2]
+        z_NV = _logits(_flat(h_BCD), w_DV, inv_temp)
+        out_N = jax.nn.logsumexp(2.0 * z_NV, axis=-1) - 2.0 * jax.nn.logsumexp(z_NV, axis=-1)
+        return None, out_N.reshape(Bc, C)
+
+    _, out = _scan(body, None, _to_chunks(h_BTD, n_chunks), n_chunks)
+    return _from_chunks(out)

@@ -25,13 +25,13 @@ import numpy as np
 from jaxpost.config import DataConfig, EvalConfig, LoRAConfig, MeshConfig, OptimConfig, TrainConfig
 from jaxpost.data.preference import (arithmetic_preference_records, build_preference_iterator,
                                      preference_records_from_samples)
-from jaxpost.losses import DPO_LOSSES, REFERENCE_FREE_LOSSES
+from jaxpost.losses import DPO_LOSSES, F_DIVERGENCE_LOSSES, F_DIVERGENCES, REFERENCE_FREE_LOSSES
 from jaxpost.models import LM
 from jaxpost.recipes import sft as sft_recipe
 from jaxpost.recipes.common import (Run, batch_feeder, cached_records, evaluate_before, load_start_params,
                                     open_sft_start, precomputed, sample_accuracy, sample_task_completions,
                                     policy_init, policy_optimizer, task_evaluator, task_results)
-from jaxpost.train.dpo import Preference, get_preference_loss, make_reference_logps
+from jaxpost.train.dpo import ORPO_NLL, Preference, loss_names, make_reference_logps, preference_terms
 from jaxpost.train.step import make_step
 
 log = logging.getLogger("jaxpost")
@@ -47,11 +47,22 @@ class DPOConfig:
     steps: int = 100
     init_from: str = ""  # an SFT workdir (tokenizer.model, checkpoints/, config.json); "" runs `sft` first
     sft: sft_recipe.SFTConfig = dataclasses.field(default_factory=sft_recipe.SFTConfig)
-    loss: str = "sigmoid"  # any name of DPO_LOSSES or REFERENCE_FREE_LOSSES (jaxpost.losses)
+    # any name of DPO_LOSSES or REFERENCE_FREE_LOSSES (jaxpost.losses), or a list of them (and "sft") summed with
+    # loss_weights: MPO, e.g. "sigmoid,bco_pair,sft" with (0.8, 0.2, 1.0); docs/losses.md maps each to TRL
+    loss: str | tuple[str, ...] = "sigmoid"
+    loss_weights: tuple[float, ...] = ()
     beta: float = 0.1
+    # cDPO's label smoothing for "sigmoid" (TRL 1.16 ignores label_smoothing there: keep 0 to match it); robust DPO's
+    # flip rate for "robust", EXO's epsilon for "exo_pair", the smoothing of simpo / cpo / aot
     label_smoothing: float = 0.0
-    sft_weight: float = 0.0
+    sft_weight: float = 0.0  # an NLL term on the chosen response inside each loss (RPO; CPO's cpo_alpha)
     gamma: float = 0.5  # simpo's target margin
+    alpha: float = 0.0  # AlphaPO's reward shape (simpo / alphapo / cpo*): 0 is SimPO's log-likelihood
+    f_divergence: str = "reverse_kl"  # f-DPO: reverse_kl | forward_kl | js_divergence | alpha_divergence
+    f_alpha: float = 0.5  # the alpha of alpha_divergence
+    ld_alpha: float | None = None  # LD-DPO: weight of the longer response's tail (None: off; 1 is plain DPO)
+    use_weighting: bool = False  # WPO: weigh each pair by w(chosen) w(rejected)
+    orpo_nll: str = "completion"  # ORPO's NLL over the chosen "completion" (paper) or the whole "sequence" (TRL)
     reference: str = "precomputed"  # "model" (held beside the policy), "precomputed" or "none" (simpo, orpo)
     # LoRA adapters on the SFT start (rank 0: train every weight); with reference="model" the reference is then the
     # base model with the adapters disabled, not a second copy
@@ -74,12 +85,33 @@ class DPOConfig:
             raise ValueError(f"DPOConfig.steps must be > 0, got {self.steps}")
         if self.pairs not in PAIR_SOURCES:
             raise ValueError(f"DPOConfig.pairs must be one of {PAIR_SOURCES}, got {self.pairs!r}")
-        get_preference_loss(self.loss, self.reference)  # validates the loss / reference combination
+        terms = preference_terms(self.loss, self.loss_weights, self.reference)  # validates names and references
+        if self.f_divergence not in F_DIVERGENCES:
+            raise ValueError(f"DPOConfig.f_divergence must be one of {F_DIVERGENCES}, got {self.f_divergence!r}")
+        if self.f_divergence != "reverse_kl":
+            other = [n for n, _, fn in terms if fn is not None and n not in F_DIVERGENCE_LOSSES]
+            if other:
+                raise ValueError(f"DPOConfig.f_divergence={self.f_divergence!r} applies to the losses "
+                                 f"{sorted(F_DIVERGENCE_LOSSES)} only (as in TRL), not {other}")
+        if self.ld_alpha is not None and not 0.0 <= self.ld_alpha <= 1.0:
+            raise ValueError(f"DPOConfig.ld_alpha must lie in [0, 1] (or None), got {self.ld_alpha}")
+        if self.ld_alpha is not None and self.reference == "none":
+            raise ValueError("DPOConfig.ld_alpha desensitises the DPO log-ratios: it needs a reference")
+        if self.orpo_nll not in ORPO_NLL:
+            raise ValueError(f"DPOConfig.orpo_nll must be one of {ORPO_NLL}, got {self.orpo_nll!r}")
+
+    @property
+    def loss_names(self) -> tuple[str, ...]:
+        return loss_names(self.loss)
 
     def loss_kwargs(self) -> dict:
-        """The hyperparameters of the chosen loss that this config sets, as its registry entry names them."""
-        registry = REFERENCE_FREE_LOSSES if self.loss in REFERENCE_FREE_LOSSES else DPO_LOSSES
-        return registry.kwargs(self.loss, self)
+        """The hyperparameters of the chosen loss(es) that this config sets, as their registry entries name them."""
+        out = {}
+        for name in self.loss_names:
+            if name != "sft":
+                registry = REFERENCE_FREE_LOSSES if name in REFERENCE_FREE_LOSSES else DPO_LOSSES
+                out.update(registry.kwargs(name, self))
+        return out
 
 
 def build_pairs(cfg: DPOConfig, lm, params, tokenizer, task, mesh, path: str) -> list[dict]:
@@ -112,7 +144,8 @@ def _iterator(cfg: DPOConfig, records, tokenizer):
 def precompute_reference(cfg: DPOConfig, lm, params, records, tokenizer, mesh, path: str) -> np.ndarray:
     """Reference log-probs [steps, rows] of this process's rows of every training batch, in training order."""
     rows = 2 * (cfg.data.batch_size // jax.process_count())
-    fn = make_reference_logps(lm, mesh, lm.param_shardings(mesh), rows=rows, logprobs_impl=cfg.logprobs_impl)
+    fn = make_reference_logps(lm, mesh, lm.param_shardings(mesh), rows=rows, logprobs_impl=cfg.logprobs_impl,
+                              ld_alpha=cfg.ld_alpha)
     return precomputed(path, cfg.steps, _iterator(cfg, records, tokenizer), lambda batch: fn(params, batch))
 
 
@@ -144,8 +177,9 @@ def run(cfg: DPOConfig, workdir: str, *, stop_at: int | None = None) -> dict | N
     evaluate = task_evaluator(lm, tokenizer, task, cfg.eval, mesh)
     evaluate_before(run, evaluate, state.params)
 
-    objective = Preference(lm, loss=cfg.loss, loss_kwargs=cfg.loss_kwargs(), reference=cfg.reference,
-                           logprobs_impl=cfg.logprobs_impl)
+    objective = Preference(lm, loss=cfg.loss, loss_kwargs=cfg.loss_kwargs(), loss_weights=cfg.loss_weights or None,
+                           reference=cfg.reference, logprobs_impl=cfg.logprobs_impl, ld_alpha=cfg.ld_alpha,
+                           use_weighting=cfg.use_weighting, orpo_nll=cfg.orpo_nll)
     step_fn = make_step(lm, tx, schedule, objective, mesh=mesh, state_shardings=shardings, units=cfg.data.batch_size,
                         grad_accum=cfg.train.grad_accum)
     to_device = batch_feeder(step_fn, cfg.train.grad_accum, unit_key="pair_mask",
@@ -154,11 +188,11 @@ def run(cfg: DPOConfig, workdir: str, *, stop_at: int | None = None) -> dict | N
 
     state = run.train(lambda st, b: step_fn(st, ref_params, b), state, batches, to_device=to_device,
                       evaluate=lambda st: {"eval_accuracy": evaluate(st.params)},
-                      host_metrics=lambda: batches.stats, desc=cfg.loss)
+                      host_metrics=lambda: batches.stats, desc="+".join(cfg.loss_names))
     if state is None:
         return None
     final = evaluate(state.params, full=True)
     return run.finish({**task_results(run, final), "loss": cfg.loss, "reference": cfg.reference,
                        "pairs": len(records), "sft_dir": sft_dir},
                       plots=("loss", "chosen_rewards", "rejected_rewards", "margins", "accuracies", "eval_accuracy"),
-                      filename="dpo.png", title=f"{cfg.loss} from the SFT start ({cfg.pairs} pairs)")
+                      filename="dpo.png", title=f"{'+'.join(cfg.loss_names)} from the SFT start ({cfg.pairs} pairs)")
