@@ -200,6 +200,45 @@ def test_sampler_log_probs_as_the_old_log_probs_give_the_same_update(tokenizer, 
         RolloutConfig(old_logp="cache")
 
 
+def test_a_bfloat16_sampler_is_corrected_by_truncated_importance_weights(tokenizer):
+    # the sampler computes in bfloat16, the trainer in float32: their log-probs of the same tokens differ, the
+    # mismatch metrics show it, and the update batch carries the truncated weights exp(old - sampler) that every
+    # policy loss multiplies in; the float32 sampler's weights are 1 up to rounding
+    lm, params = cached_lm(tiny_config())
+    task = make_task("arithmetic", max_digits=2)
+    batch = next(build_prompt_iterator(task.source("train"), tokenizer, batch_size=4, max_prompt_len=16, seed=5))
+    rewards = RewardSet({"digits": _digits}, timeout_s=None)
+    loss = RLLossConfig(eps_high=0.28, rollout_correction="token_truncate", correction_clip_max=1.002,
+                        correction_clip_min=0.998)
+    out = {}
+    for dtype in (None, "bfloat16"):
+        ro = RolloutConfig(prompts_per_step=4, group_size=4, max_new_tokens=6, max_prompt_len=16, sampler_dtype=dtype)
+        trainer, state = _trainer(lm, params, tokenizer, ro, rewards, mesh=mesh_of(4, 2, 1), loss=loss,
+                                  reference=False)
+        samples = trainer.sample(state, iter([batch]))
+        scored = trainer.score(state.params, samples)
+        update = trainer.advantages(samples, scored)
+        state, step_metrics = trainer.update(state, update, samples.iteration)
+        out[dtype] = (trainer.metrics(samples, scored, update, step_metrics, timings={}), update, scored)
+    (m32, b32, _), (m16, b16, s16) = out[None], out["bfloat16"]
+    mask = b16["loss_mask"] > 0
+    want = np.clip(np.exp(s16["logp"] - s16["sample_logp"]), 0.998, 1.002)
+    np.testing.assert_allclose(b16["is_weight"][mask], want[mask], rtol=1e-6)
+    assert np.all(b16["is_weight"][~mask] == 1.0)
+    assert m16["correction/logp_diff_max"] > 10 * max(m32["correction/logp_diff_max"], 1e-6)
+    assert m16["correction/is_clipped_frac"] > 0.0 == m32["correction/is_clipped_frac"]
+    np.testing.assert_allclose(b32["is_weight"][b32["loss_mask"] > 0], 1.0, atol=1e-4)
+    for key in ("mismatch_k1", "mismatch_k3", "is_weight_mean", "is_weight_min", "is_weight_max"):
+        assert np.isfinite(m16[f"correction/{key}"]), key
+    with pytest.raises(ValueError, match="old_logp='trainer'"):
+        _trainer(lm, params, tokenizer, RolloutConfig(prompts_per_step=4, group_size=4, old_logp="sampler"), rewards,
+                 mesh=mesh_of(4, 2, 1), loss=loss, reference=False)
+    with pytest.raises(ValueError, match="rollout correction mode"):
+        RLLossConfig(rollout_correction="token_clip")
+    with pytest.raises(ValueError, match="sampler_dtype"):
+        RolloutConfig(sampler_dtype="int8")
+
+
 def test_concat_rollouts_keeps_the_chosen_groups_and_pads_with_empty_ones():
     def part(offset, n_prompts, G=2, N=3):
         R = n_prompts * G
@@ -314,6 +353,18 @@ def test_rl_config_errors_are_named():
         rl.RLConfig(loss=RLLossConfig(temperature=0.7))
     with pytest.raises(ValueError, match="do not split"):
         RolloutConfig(prompts_per_step=3, group_size=3, minibatches=2)
+    with pytest.raises(ValueError, match="luspo.*seq_mean_token_sum"):  # LUSPO is defined with its aggregation
+        RLLossConfig(policy_loss="luspo")
+    with pytest.raises(ValueError, match="kl_importance_weighted"):
+        RLLossConfig(kl_coef=0.1, kl_in="reward", kl_importance_weighted=True)
+    with pytest.raises(ValueError, match="ddof"):
+        AdvantageConfig(grpo_ddof=2)
+    # every loss hyperparameter reaches its function under the registry's name
+    cfg = RLLossConfig(policy_loss="cispo", cispo_clip_max=4.0, cispo_clip_min=0.5)
+    assert cfg.policy_kwargs() == {"clip_max": 4.0, "clip_min": 0.5}
+    assert RLLossConfig(policy_loss="sapo", sapo_tau_neg=2.0).policy_kwargs() == {"tau_pos": 1.0, "tau_neg": 2.0}
+    assert RLLossConfig(delta=1.5).policy_kwargs()["delta"] == 1.5
+    assert AdvantageConfig(estimator="rloo", normalize=True).kwargs() == {"normalize": True, "eps": 1e-4, "ddof": 1}
 
 
 def test_learned_reward_scores_rows_at_the_last_completion_token():
