@@ -495,7 +495,7 @@ class AdvantageConfig:
     1e-6 as verl, TRL uses 1e-4; the std's ddof: 1, both); normalize, adv_eps, adv_ddof (rloo and reinforce:
     standardise the advantages over the batch, TRL's normalize_advantages with eps 1e-4, ddof 1); gamma, lam
     (discount and GAE lambda: reinforce_pp, gae). whiten: whiten the advantages of an estimator with a value model (GAE) over the
-    batch (verl, TRL); reinforce_pp always whitens. negative_scale: multiplies the negative advantages (1: the
+    batch (verl; TRL < 1.0's PPO); reinforce_pp always whitens. negative_scale: multiplies the negative advantages (1: the
     estimator as is; 0: only better-than-baseline samples are reinforced, a RAFT-like positive-only update; the
     weighting of Zhu et al. 2025, "The Surprising Effectiveness of Negative Reinforcement in LLM Reasoning",
     written on the negative side)."""

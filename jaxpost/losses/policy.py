@@ -451,7 +451,7 @@ def value_loss(values_BT: Float[Array, "B T"], old_values_BT: Float[Array, "B T"
         l_t = 0.5 max((V_t - R_t)^2, (clip(V_t, V_old_t - eps_v, V_old_t + eps_v) - R_t)^2)
 
     (``clip_eps=None``: 0.5 (V_t - R_t)^2). Schulman et al. 2017 (the clipped value objective of the PPO reference
-    implementation, OpenAI baselines ppo2); eps_v = 0.2 is TRL's ``cliprange_value`` (verl defaults to 0.5).
+    implementation, OpenAI baselines ppo2); eps_v = 0.2 was TRL's ``cliprange_value`` (its PPOTrainer, gone from TRL 1.x; verl defaults to 0.5).
     Aggregate it like the policy loss. ``returns_BT`` from ``gae``; ``values_BT`` carries the gradient.
     Metrics: ``vf_clip_frac`` (tokens where the clipped term is the larger), ``vf_error`` ((V - R)^2).
     """

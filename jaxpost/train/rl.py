@@ -17,7 +17,7 @@ before the first micro-batch), so the loss and gradient are the full-batch ones 
 
 Value model (PPO). `PolicyModel(lm, value=...)`: "none"; "head" (a scalar head on the policy's own final hidden
 states: one forward gives log-probs and values, the value loss also trains the shared trunk, weighted by vf_coef);
-"critic" (a separate decoder + head, initialised from the policy's weights, as in TRL and verl). Params are
+"critic" (a separate decoder + head, initialised from the policy's weights, as in verl and TRL < 1.0's PPO). Params are
 `{"policy": <decoder params>}` plus `{"value": {"head": {w, b}}}` or `{"value": {"lm": ..., "head": {w, b}}}`; one
 optimizer updates both (their gradients are separate for "critic"). V(s_t) is read at the position whose target is
 token t, i.e. before token t is emitted, aligned with log-probs and masks.
