@@ -494,11 +494,13 @@ class AdvantageConfig:
     grpo_scale, grpo_eps, grpo_ddof (grpo's std scaling "group" | "batch" | "none", the epsilon added to the std:
     1e-6 as verl, TRL uses 1e-4; the std's ddof: 1, both); normalize, adv_eps, adv_ddof (rloo and reinforce:
     standardise the advantages over the batch, TRL's normalize_advantages with eps 1e-4, ddof 1); gamma, lam
-    (discount and GAE lambda: reinforce_pp, gae). whiten: whiten the advantages of an estimator with a value model (GAE) over the
-    batch (verl; TRL < 1.0's PPO); reinforce_pp always whitens. negative_scale: multiplies the negative advantages (1: the
-    estimator as is; 0: only better-than-baseline samples are reinforced, a RAFT-like positive-only update; the
-    weighting of Zhu et al. 2025, "The Surprising Effectiveness of Negative Reinforcement in LLM Reasoning",
-    written on the negative side)."""
+    (discount and GAE lambda: reinforce_pp, gae).
+    whiten: whiten the advantages of an estimator with a value model (GAE) over the batch (verl; TRL < 1.0's PPO);
+    reinforce_pp always whitens. whiten_eps, whiten_ddof: the whitening's (x - mean) * rsqrt(var + eps), var with
+    ddof (verl's masked_whiten: 1e-8, ddof 1; OpenRLHF uses ddof 0).
+    negative_scale: multiplies the negative advantages (1: the estimator as is; 0: only better-than-baseline samples
+    are reinforced, a RAFT-like positive-only update; the weighting of Zhu et al. 2025, "The Surprising
+    Effectiveness of Negative Reinforcement in LLM Reasoning", written on the negative side)."""
 
     estimator: str = "grpo"
     grpo_scale: str = "group"
@@ -510,6 +512,8 @@ class AdvantageConfig:
     gamma: float = 1.0
     lam: float = 0.95
     whiten: bool = True
+    whiten_eps: float = 1e-8
+    whiten_ddof: int = 1
     negative_scale: float = 1.0
 
     def __post_init__(self):
@@ -520,10 +524,10 @@ class AdvantageConfig:
             raise ValueError("AdvantageConfig: gamma and lam must be in [0, 1]")
         if self.negative_scale < 0:
             raise ValueError(f"AdvantageConfig.negative_scale must be >= 0, got {self.negative_scale}")
-        if self.grpo_ddof not in (0, 1) or self.adv_ddof not in (0, 1):
-            raise ValueError("AdvantageConfig: grpo_ddof and adv_ddof must be 0 or 1")
-        if not (self.grpo_eps >= 0 and self.adv_eps >= 0):
-            raise ValueError("AdvantageConfig: grpo_eps and adv_eps must be >= 0")
+        if {self.grpo_ddof, self.adv_ddof, self.whiten_ddof} - {0, 1}:
+            raise ValueError("AdvantageConfig: grpo_ddof, adv_ddof and whiten_ddof must be 0 or 1")
+        if not (self.grpo_eps >= 0 and self.adv_eps >= 0 and self.whiten_eps >= 0):
+            raise ValueError("AdvantageConfig: grpo_eps, adv_eps and whiten_eps must be >= 0")
 
     @property
     def sequence_level(self) -> bool:

@@ -300,7 +300,8 @@ ADVANTAGE_ESTIMATORS = Registry("advantage estimator", {
     "reinforce_pp": reinforce_pp,
     "gae": gae,
 }, hparams={"grpo": {"scale": "grpo_scale", "eps": "grpo_eps", "ddof": "grpo_ddof"}, "dr_grpo": (),
-            "rloo": _NORMALIZE, "reinforce": _NORMALIZE, "reinforce_pp": ("gamma",), "gae": ("gamma", "lam")})
+            "rloo": _NORMALIZE, "reinforce": _NORMALIZE,
+            "reinforce_pp": {"gamma": "gamma", "eps": "whiten_eps", "ddof": "whiten_ddof"}, "gae": ("gamma", "lam")})
 """Name -> estimator. Sequence level: ``f(rewards_B, *, group_size, mask_B=None, **hyper) -> [B]``; token level:
 ``f(token_rewards_BT, mask_BT, **hyper) -> ([B, T], [B, T])`` (gae also needs ``values_BT=``)."""
 

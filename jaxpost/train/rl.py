@@ -259,7 +259,7 @@ def _advantages(rewards_B, mask_BT, row_mask_B, old_logp_BT, ref_logp_BT, values
     if cfg.needs_values:
         adv_BT, ret_BT = est(tok_BT, m_BT, values_BT=values_BT, **cfg.kwargs())
         if cfg.whiten:
-            adv_BT = masked_whiten(adv_BT, m_BT)
+            adv_BT = masked_whiten(adv_BT, m_BT, eps=cfg.whiten_eps, ddof=cfg.whiten_ddof)
         return adv_BT, ret_BT, r_B
     adv_BT, ret_BT = est(tok_BT, m_BT, **cfg.kwargs())
     return adv_BT, ret_BT, r_B
