@@ -469,6 +469,18 @@ def trl_grpo_loss(per_token_logps, old_per_token_logps, advantages, completion_m
     }
 
 
+def _rewards_per_func(rewards, num_generations: int, dtype: str):
+    """(torch dtype, rewards [B, K] as TRL's rewards_per_func, B, K), whole groups of num_generations checked."""
+    tdtype = {"float64": torch.float64, "float32": torch.float32}[dtype]
+    rewards_per_func = torch.tensor(np.asarray(rewards, dtype=np.float64), dtype=tdtype)
+    if rewards_per_func.dim() == 1:
+        rewards_per_func = rewards_per_func.unsqueeze(1)
+    B, K = rewards_per_func.shape
+    if B % num_generations:
+        raise ValueError("trl_reference: the batch must hold whole groups of num_generations")
+    return tdtype, rewards_per_func, B, K
+
+
 def trl_grpo_advantages(rewards_per_func, num_generations, *, reward_weights=None, scale_rewards="group",
                         multi_objective_aggregation="sum_then_normalize", dtype="float64") -> dict:
     """GRPO advantages as `GRPOTrainer._generate_and_score_completions` computes them (train mode, one process).
@@ -484,13 +496,7 @@ def trl_grpo_advantages(rewards_per_func, num_generations, *, reward_weights=Non
     _check_choice("scale_rewards", scale_rewards, {"group", "batch", "none"})
     _check_choice("multi_objective_aggregation", multi_objective_aggregation,
                   {"sum_then_normalize", "normalize_then_sum"})
-    tdtype = {"float64": torch.float64, "float32": torch.float32}[dtype]
-    rewards_per_func = torch.tensor(np.asarray(rewards_per_func, dtype=np.float64), dtype=tdtype)
-    if rewards_per_func.dim() == 1:
-        rewards_per_func = rewards_per_func.unsqueeze(1)
-    B, K = rewards_per_func.shape
-    if B % num_generations:
-        raise ValueError("trl_reference: the batch must hold whole groups of num_generations")
+    tdtype, rewards_per_func, B, K = _rewards_per_func(rewards_per_func, num_generations, dtype)
     self = _Strict(
         "GRPOTrainer",
         reward_funcs=[None] * K,
@@ -613,13 +619,7 @@ def trl_rloo_advantages(rewards, num_generations, *, normalize_advantages=False,
     """
     from trl.trainer.utils import nanstd
 
-    tdtype = {"float64": torch.float64, "float32": torch.float32}[dtype]
-    rewards_per_func = torch.tensor(np.asarray(rewards, dtype=np.float64), dtype=tdtype)
-    if rewards_per_func.dim() == 1:
-        rewards_per_func = rewards_per_func.unsqueeze(1)
-    B, K = rewards_per_func.shape
-    if B % num_generations:
-        raise ValueError("trl_reference: the batch must hold whole groups of num_generations")
+    tdtype, rewards_per_func, B, K = _rewards_per_func(rewards, num_generations, dtype)
     self = _Strict(
         "RLOOTrainer",
         reward_weights=torch.tensor(list(reward_weights) if reward_weights is not None else [1.0] * K, dtype=tdtype),

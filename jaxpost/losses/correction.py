@@ -52,8 +52,9 @@ def rollout_correction(old_logp_BT: Float[Array, "B T"], sampler_logp_BT: Float[
     ``old_logp_BT``: the trainer's log-probs of the sampled tokens under the params that sampled them (the scoring
     pass); ``sampler_logp_BT``: the sampler's own log-probs of the same tokens; ``mask_BT``: the response mask.
     Weights are detached, 1 where masked (and everywhere with mode "none"); a sequence-level weight is repeated on
-    each of the sequence's tokens. Non-finite sampler log-probs (a token the sampler could not score) count as no
-    difference, as in TRL. Metrics, means over response tokens unless said: ``mismatch_k1`` (mean of
+    each of the sequence's tokens. A NaN sampler log-prob (a token the sampler could not score) counts as no
+    difference, as in TRL; an infinite difference gives an infinite ratio, truncated to a bound or masked, as in TRL.
+    Metrics, means over the response tokens with a finite difference unless said: ``mismatch_k1`` (mean of
     sampler_logp - old_logp, the k1 estimate of KL(pi_sampler || pi_old) per token), ``mismatch_k3`` (its k3
     estimate, never negative), ``logp_diff_mean`` / ``logp_diff_max`` (|old - sampler|, TRL's
     ``sampling_logp_difference``), ``is_weight_mean`` / ``is_weight_min`` / ``is_weight_max`` (over tokens, or over
@@ -62,13 +63,15 @@ def rollout_correction(old_logp_BT: Float[Array, "B T"], sampler_logp_BT: Float[
     """
     check_correction(mode, clip_min, clip_max)
     m_BT = _f32(jnp.asarray(mask_BT) > 0)
-    d_BT = _f32(old_logp_BT) - _f32(sampler_logp_BT)
-    d_BT = jnp.where((m_BT > 0) & jnp.isfinite(d_BT), d_BT, 0.0)
-    n = jnp.maximum(jnp.sum(m_BT), 1.0)
-    metrics = {"mismatch_k1": jnp.sum(-d_BT * m_BT) / n,
-               "mismatch_k3": jnp.sum((jnp.expm1(d_BT) - d_BT) * m_BT) / n,
-               "logp_diff_mean": jnp.sum(jnp.abs(d_BT)) / n,
-               "logp_diff_max": jnp.max(jnp.abs(d_BT), initial=0.0)}
+    raw_BT = _f32(old_logp_BT) - _f32(sampler_logp_BT)
+    d_BT = jnp.where((m_BT > 0) & ~jnp.isnan(raw_BT), raw_BT, 0.0)  # NaN: no difference (TRL); +-inf stays
+    finite_BT = m_BT * jnp.isfinite(raw_BT)  # the metrics average the finite differences
+    fd_BT = jnp.where(finite_BT > 0, raw_BT, 0.0)
+    n = jnp.maximum(jnp.sum(finite_BT), 1.0)
+    metrics = {"mismatch_k1": jnp.sum(-fd_BT) / n,
+               "mismatch_k3": jnp.sum((jnp.expm1(fd_BT) - fd_BT) * finite_BT) / n,
+               "logp_diff_mean": jnp.sum(jnp.abs(fd_BT)) / n,
+               "logp_diff_max": jnp.max(jnp.abs(fd_BT), initial=0.0)}
     if mode == "none":
         return jnp.ones_like(m_BT), jax.tree.map(jax.lax.stop_gradient, metrics)
     sequence = mode.startswith("sequence")

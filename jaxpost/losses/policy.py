@@ -74,12 +74,13 @@ def _mask(mask_BT) -> Array:
     return _f32(jnp.asarray(mask_BT) > 0)
 
 
-def _adv_BT(advantages, shape) -> Array:
-    """Detached float32 advantages broadcast to [B, T] ([B] -> the same value on every token)."""
+def _adv_BT(advantages, m_BT) -> Array:
+    """Detached float32 advantages broadcast to [B, T] ([B] -> the same value on every token), 0 on masked tokens
+    (so garbage there never multiplies a log-prob into a NaN gradient)."""
     a = jax.lax.stop_gradient(_f32(advantages))
     if a.ndim == 1:
         a = a[:, None]
-    return jnp.broadcast_to(a, shape)
+    return jnp.where(m_BT > 0, jnp.broadcast_to(a, m_BT.shape), 0.0)
 
 
 def _log_ratio(logp_BT, old_logp_BT, m_BT) -> Array:
@@ -125,7 +126,7 @@ def _check_delta(delta) -> None:
 def _apply_is(loss_BT: Array, is_weight_BT, m_BT: Array) -> Array:
     """loss x the detached rollout-correction weight (``jaxpost.losses.correction``), 0 on masked tokens."""
     if is_weight_BT is not None:
-        loss_BT = loss_BT * jax.lax.stop_gradient(_f32(is_weight_BT))
+        loss_BT = loss_BT * jax.lax.stop_gradient(jnp.where(m_BT > 0, _f32(is_weight_BT), 1.0))
     return jnp.where(m_BT > 0, loss_BT, 0.0)
 
 
@@ -170,7 +171,7 @@ def ppo_clip(logp_BT: Float[Array, "B T"], old_logp_BT: Float[Array, "B T"], adv
     _check_delta(delta)
     m_BT = _mask(mask_BT)
     log_ratio_BT = _log_ratio(logp_BT, old_logp_BT, m_BT)
-    a_BT = _adv_BT(advantages, m_BT.shape)
+    a_BT = _adv_BT(advantages, m_BT)
     ratio_BT = jnp.exp(log_ratio_BT)
     extra = {}
     unclipped_BT = ratio_BT
@@ -221,7 +222,9 @@ def gspo(logp_BT: Float[Array, "B T"], old_logp_BT: Float[Array, "B T"], advanta
     advantage per sequence and ``seq_mean_token_mean`` aggregation (the paper's 1/G sum_i; verl hard-codes it for
     GSPO) the loss and its gradient equal the sequence form ``gspo_seq``. With one advantage per sequence, any
     aggregation, this is also TRL's ``importance_sampling_level="sequence"`` for its clipped loss types (same values
-    and gradients; TRL's default epsilon is 0.2 there). Default eps_low = 3e-4, eps_high = 4e-4
+    and gradients; TRL's default epsilon is 0.2 there), as long as a rollout-correction weight, if any, is constant
+    within each sequence: a token-level weight scales each token's gradient here, while TRL's sequence form spreads
+    the sequence's mean weight over its tokens (``gspo_seq`` is TRL's form there too). Default eps_low = 3e-4, eps_high = 4e-4
     are the paper's (sequence ratios sit much closer to 1 than token ratios).
 
     Metrics: clip fractions and ``seq_ratio`` per sequence (sum, number of sequences); ``ratio``/``approx_kl`` per
@@ -234,7 +237,7 @@ def gspo(logp_BT: Float[Array, "B T"], old_logp_BT: Float[Array, "B T"], advanta
     lp_BT = _f32(logp_BT)
     token_term_BT = jnp.where(m_BT > 0, lp_BT - jax.lax.stop_gradient(lp_BT), 0.0)  # value 0, gradient grad logp
     s_BT = jnp.exp(jax.lax.stop_gradient(seq_log_ratio_B)[:, None] + token_term_BT)
-    a_BT = _adv_BT(advantages, m_BT.shape)
+    a_BT = _adv_BT(advantages, m_BT)
     loss_BT = jnp.maximum(-a_BT * s_BT, -a_BT * jnp.clip(s_BT, 1.0 - eps_low, 1.0 + eps_high))
     loss_BT = _apply_is(loss_BT, is_weight_BT, m_BT)
     s_B = jnp.exp(seq_log_ratio_B)
@@ -313,8 +316,8 @@ def reinforce(logp_BT: Float[Array, "B T"], old_logp_BT: Float[Array, "B T"], ad
     ``approx_kl``, ``approx_kl_k1``, which show how off-policy the batch is).
     """
     m_BT = _mask(mask_BT)
-    a_BT = _adv_BT(advantages, m_BT.shape)
-    loss_BT = _apply_is(-a_BT * _f32(logp_BT), is_weight_BT, m_BT)
+    a_BT = _adv_BT(advantages, m_BT)
+    loss_BT = _apply_is(-a_BT * jnp.where(m_BT > 0, _f32(logp_BT), 0.0), is_weight_BT, m_BT)
     return loss_BT, _ratio_metrics(_log_ratio(logp_BT, old_logp_BT, m_BT), m_BT)
 
 
@@ -332,17 +335,21 @@ def cispo(logp_BT: Float[Array, "B T"], old_logp_BT: Float[Array, "B T"], advant
     ScaleRL's eps_max, recommended 5.0, the default here); verl's ``loss_mode="cispo"`` clips to
     [1 - clip_ratio_low, 1 + clip_ratio_high], i.e. clip_min = 1 - clip_ratio_low, clip_max = 1 + clip_ratio_high.
     TRL and the paper aggregate it as ``token_mean``. On-policy the gradient is REINFORCE's, -A_t grad logp_t.
-    Metrics: ``clip_frac`` (tokens whose weight was clipped), ``clip_frac_high``/``clip_frac_low``, ratio metrics.
+    Metrics: ``clip_frac`` (tokens whose weight was clipped), ``clip_frac_high`` / ``clip_frac_low`` (capped at
+    clip_max / raised to clip_min, whatever the sign of A: the weight is clipped either way), ``clip_frac_high_pos``
+    (capped with A > 0: TRL's ``cispo_clip_ratio``), ratio metrics.
     """
     _check(clip_max, lambda v: v > 0.0, "cispo clip_max must be > 0")
     m_BT = _mask(mask_BT)
     log_ratio_BT = _log_ratio(logp_BT, old_logp_BT, m_BT)
     ratio_BT = jnp.exp(log_ratio_BT)
     w_BT = jax.lax.stop_gradient(jnp.clip(ratio_BT, clip_min, clip_max))
-    loss_BT = _apply_is(-w_BT * _adv_BT(advantages, m_BT.shape) * _f32(logp_BT), is_weight_BT, m_BT)
+    a_BT = _adv_BT(advantages, m_BT)
+    loss_BT = _apply_is(-w_BT * a_BT * jnp.where(m_BT > 0, _f32(logp_BT), 0.0), is_weight_BT, m_BT)
     high_BT = ratio_BT > clip_max
     low_BT = (ratio_BT < clip_min) if clip_min is not None else jnp.zeros_like(high_BT)
-    return loss_BT, {**_token_metrics(m_BT, clip_frac=high_BT | low_BT, clip_frac_high=high_BT, clip_frac_low=low_BT),
+    return loss_BT, {**_token_metrics(m_BT, clip_frac=high_BT | low_BT, clip_frac_high=high_BT, clip_frac_low=low_BT,
+                                      clip_frac_high_pos=high_BT & (a_BT > 0)),
                      **_ratio_metrics(log_ratio_BT, m_BT)}
 
 
@@ -365,7 +372,7 @@ def sapo(logp_BT: Float[Array, "B T"], old_logp_BT: Float[Array, "B T"], advanta
     m_BT = _mask(mask_BT)
     log_ratio_BT = _log_ratio(logp_BT, old_logp_BT, m_BT)
     ratio_BT = jnp.exp(log_ratio_BT)
-    a_BT = _adv_BT(advantages, m_BT.shape)
+    a_BT = _adv_BT(advantages, m_BT)
     tau_BT = jnp.where(a_BT > 0, tau_pos, tau_neg)
     sig_BT = jax.nn.sigmoid(tau_BT * (ratio_BT - 1.0))
     loss_BT = _apply_is(-sig_BT * 4.0 / tau_BT * a_BT, is_weight_BT, m_BT)
@@ -398,13 +405,13 @@ def vespo(logp_BT: Float[Array, "B T"], old_logp_BT: Float[Array, "B T"], advant
         log_is_BT = jnp.clip(jnp.log(_f32(is_weight_BT)), lower, 20.0)
         log_w_B = log_w_B + jnp.sum(jnp.where(m_BT > 0, log_is_BT, 0.0), axis=-1)
     log_w_B = jax.lax.stop_gradient(jnp.clip(log_w_B, lower, 20.0))
-    a_BT = _adv_BT(advantages, m_BT.shape)
+    a_BT = _adv_BT(advantages, m_BT)
     nonneg_BT = a_BT >= 0
     k_BT = jnp.where(nonneg_BT, k_pos, k_neg)
     lam_BT = jnp.maximum(jnp.where(nonneg_BT, lambda_pos, lambda_neg), 1e-4)
     phi_BT = jnp.exp(lam_BT + k_BT * log_w_B[:, None] - lam_BT * jnp.exp(log_w_B)[:, None])
     phi_BT = jnp.nan_to_num(phi_BT, nan=0.0, posinf=0.0, neginf=0.0)
-    loss_BT = jnp.where(m_BT > 0, -phi_BT * a_BT * _f32(logp_BT), 0.0)
+    loss_BT = jnp.where(m_BT > 0, -phi_BT * a_BT * jnp.where(m_BT > 0, _f32(logp_BT), 0.0), 0.0)
     phi_B = jnp.sum(phi_BT * m_BT, axis=-1) / jnp.maximum(n_B, 1.0)
     return loss_BT, {**_seq_metrics(_f32(n_B > 0), phi=phi_B), **_ratio_metrics(log_ratio_BT, m_BT)}
 

@@ -31,7 +31,7 @@ from jaxpost.recipes import sft as sft_recipe
 from jaxpost.recipes.common import (Run, batch_feeder, cached_records, evaluate_before, load_start_params,
                                     open_sft_start, precomputed, sample_accuracy, sample_task_completions,
                                     policy_init, policy_optimizer, task_evaluator, task_results)
-from jaxpost.train.dpo import ORPO_NLL, Preference, loss_names, make_reference_logps, preference_terms
+from jaxpost.train.dpo import NLL_MEANS, ORPO_NLL, Preference, loss_names, make_reference_logps, preference_terms
 from jaxpost.train.step import make_step
 
 log = logging.getLogger("jaxpost")
@@ -55,7 +55,7 @@ class DPOConfig:
     # cDPO's label smoothing for "sigmoid" (TRL 1.16 ignores label_smoothing there: keep 0 to match it); robust DPO's
     # flip rate for "robust", EXO's epsilon for "exo_pair", the smoothing of simpo / cpo / aot
     label_smoothing: float = 0.0
-    sft_weight: float = 0.0  # an NLL term on the chosen response inside each loss (RPO; CPO's cpo_alpha)
+    sft_weight: float = 0.0  # an NLL term on the chosen response, added once (RPO; CPO's cpo_alpha, TRL default 1)
     gamma: float = 0.5  # simpo's target margin
     alpha: float = 0.0  # AlphaPO's reward shape (simpo / alphapo / cpo*): 0 is SimPO's log-likelihood
     f_divergence: str = "reverse_kl"  # f-DPO: reverse_kl | forward_kl | js_divergence | alpha_divergence
@@ -63,6 +63,7 @@ class DPOConfig:
     ld_alpha: float | None = None  # LD-DPO: weight of the longer response's tail (None: off; 1 is plain DPO)
     use_weighting: bool = False  # WPO: weigh each pair by w(chosen) w(rejected)
     orpo_nll: str = "completion"  # ORPO's NLL over the chosen "completion" (paper) or the whole "sequence" (TRL)
+    nll_mean: str = "sequence"  # the NLL terms' mean: each "sequence"'s token mean, or TRL's over the "batch"'s tokens
     reference: str = "precomputed"  # "model" (held beside the policy), "precomputed" or "none" (simpo, orpo)
     # LoRA adapters on the SFT start (rank 0: train every weight); with reference="model" the reference is then the
     # base model with the adapters disabled, not a second copy
@@ -99,6 +100,8 @@ class DPOConfig:
             raise ValueError("DPOConfig.ld_alpha desensitises the DPO log-ratios: it needs a reference")
         if self.orpo_nll not in ORPO_NLL:
             raise ValueError(f"DPOConfig.orpo_nll must be one of {ORPO_NLL}, got {self.orpo_nll!r}")
+        if self.nll_mean not in NLL_MEANS:
+            raise ValueError(f"DPOConfig.nll_mean must be one of {NLL_MEANS}, got {self.nll_mean!r}")
 
     @property
     def loss_names(self) -> tuple[str, ...]:
@@ -179,7 +182,7 @@ def run(cfg: DPOConfig, workdir: str, *, stop_at: int | None = None) -> dict | N
 
     objective = Preference(lm, loss=cfg.loss, loss_kwargs=cfg.loss_kwargs(), loss_weights=cfg.loss_weights or None,
                            reference=cfg.reference, logprobs_impl=cfg.logprobs_impl, ld_alpha=cfg.ld_alpha,
-                           use_weighting=cfg.use_weighting, orpo_nll=cfg.orpo_nll)
+                           use_weighting=cfg.use_weighting, orpo_nll=cfg.orpo_nll, nll_mean=cfg.nll_mean)
     step_fn = make_step(lm, tx, schedule, objective, mesh=mesh, state_shardings=shardings, units=cfg.data.batch_size,
                         grad_accum=cfg.train.grad_accum)
     to_device = batch_feeder(step_fn, cfg.train.grad_accum, unit_key="pair_mask",

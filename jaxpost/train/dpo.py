@@ -33,6 +33,8 @@ REFERENCES = ("model", "precomputed", "none")
 #: Over which tokens ORPO's NLL term runs: the chosen completion (the paper) or the whole chosen row, prompt
 #: included (TRL's ORPOTrainer).
 ORPO_NLL = ("completion", "sequence")
+#: How the NLL terms on the chosen response average: each sequence's token mean, or TRL's token mean over the batch.
+NLL_MEANS = ("sequence", "batch")
 
 
 def token_logps(lm, params, mb: dict, *, logprobs_impl: str = "auto", adapters: bool = True):
@@ -135,8 +137,12 @@ class Preference(Objective):
     token mean); `loss_kwargs`: the hyperparameters, each term taking those its signature has.
     ld_alpha: LD-DPO's length desensitisation of the policy's and the reference's log-probs (None: off).
     use_weighting: WPO, each term of each pair times w(chosen) w(rejected) (`jaxpost.losses.wpo_weights`; not the
-    "sft" term, which TRL 1.16 cannot combine with it).
+    NLL term, which TRL 1.16 cannot combine with it).
+    The NLL of the chosen response (the "sft" term, `loss_kwargs["sft_weight"]`, ORPO's, CPO's) is always on the
+    plain summed log-probs, never LD-DPO's desensitised ones; sft_weight and the "sft" terms are added once.
     orpo_nll: "completion" (the paper) or "sequence" (TRL: the chosen row's prompt and completion) for orpo.
+    nll_mean: "sequence" (each chosen response's token mean, the default) or "batch" (TRL's token mean over the
+    whole batch's chosen tokens: `prepare` computes the denominator from the batch's masks).
 
     batch: ROW_KEYS as [A, 2b, T] (A micro-batches of b interleaved pairs), `pair_mask` [A, b] (0 for padding pairs)
     and, with reference="precomputed", `ref_logps` [A, 2b] (computed with the same ld_alpha). ref_params: the frozen
@@ -150,17 +156,30 @@ class Preference(Objective):
 
     def __init__(self, lm, *, loss: str | Sequence[str], loss_kwargs: dict | None = None,
                  loss_weights: Sequence[float] | None = None, reference: str = "model", logprobs_impl: str = "auto",
-                 ld_alpha: float | None = None, use_weighting: bool = False, orpo_nll: str = "completion"):
+                 ld_alpha: float | None = None, use_weighting: bool = False, orpo_nll: str = "completion",
+                 nll_mean: str = "sequence"):
         self.terms = preference_terms(loss, loss_weights, reference)
         if orpo_nll not in ORPO_NLL:
             raise ValueError(f"orpo_nll must be one of {ORPO_NLL}, got {orpo_nll!r}")
+        if nll_mean not in NLL_MEANS:
+            raise ValueError(f"nll_mean must be one of {NLL_MEANS}, got {nll_mean!r}")
         if ld_alpha is not None and not 0.0 <= ld_alpha <= 1.0:
             raise ValueError(f"ld_alpha must lie in [0, 1] (or None), got {ld_alpha}")
         kwargs = dict(loss_kwargs or {})
-        self.term_kwargs = {n: {k: v for k, v in kwargs.items() if k in inspect.signature(fn).parameters}
-                            for n, _, fn in self.terms if fn is not None}
+        # the NLL on the chosen response is this objective's own term, on the plain (never length-desensitised)
+        # log-probs: sft_weight is taken out of the losses' arguments and applied once
+        self.sft_weight = float(kwargs.pop("sft_weight", 0.0))
+        self.sft_denominator = kwargs.pop("sft_denominator", None)  # a fixed NLL denominator (else nll_mean's)
+        self.term_kwargs = {}
+        for n, _, fn in self.terms:
+            if fn is not None:
+                params = inspect.signature(fn).parameters
+                self.term_kwargs[n] = {k: v for k, v in kwargs.items() if k in params}
+                if "sft_weight" in params:
+                    self.term_kwargs[n]["sft_weight"] = 0.0
         self.lm, self.reference, self.logprobs_impl = lm, reference, logprobs_impl
-        self.ld_alpha, self.use_weighting, self.orpo_nll = ld_alpha, use_weighting, orpo_nll
+        self.ld_alpha, self.use_weighting, self.orpo_nll, self.nll_mean = ld_alpha, use_weighting, orpo_nll, nll_mean
+        self.orpo = any(n == "orpo" for n, _, _ in self.terms)
 
     def layout(self):
         out = {**row_layout(ROW_KEYS, rows_per_unit=2), "pair_mask": (1, 2)}
@@ -180,16 +199,35 @@ class Preference(Objective):
         return reference_sequence_logps(self.lm, params, ref_params, mb, logprobs_impl=self.logprobs_impl,
                                         ld_alpha=self.ld_alpha)
 
+    def _nll_mask(self, mb):
+        """[R, T] mask of the tokens the chosen response's NLL covers: its completion, or (ORPO with
+        orpo_nll="sequence", TRL's form) the whole row, prompt included."""
+        if self.orpo and self.orpo_nll == "sequence":
+            return (mb["segment_ids"] > 0).astype(jnp.float32)
+        return mb["loss_mask"].astype(jnp.float32)
+
+    def prepare(self, params, ref_params, batch):
+        """With nll_mean="batch": the NLL's denominator, (NLL tokens of the whole batch's real chosen responses) /
+        (real pairs), so that each pair's -logp / d averages to TRL's batch token mean (a statistic of the masks)."""
+        if self.nll_mean != "batch":
+            return None
+        mb = {k: v.reshape(-1, *v.shape[2:]) for k, v in batch.items()}
+        pair_B = mb["pair_mask"].astype(jnp.float32)
+        tokens_B = split_pairs(jnp.sum(self._nll_mask(mb), axis=-1))[0]
+        return jnp.sum(tokens_B * pair_B) / jnp.maximum(jnp.sum(pair_B), 1.0)
+
     def loss(self, params, mb, ctx: Context):
         logp_RT, hidden_RTD = token_logps(self.lm, params, mb, logprobs_impl=self.logprobs_impl)
         mask_RT = mb["loss_mask"].astype(jnp.float32)
         logps_R, tokens_R = pair_sums(logp_RT, mask_RT, self.ld_alpha), jnp.sum(mask_RT, axis=-1)
         (c_B, r_B), (tc_B, tr_B) = split_pairs(logps_R), split_pairs(tokens_R)
-        data = {"chosen_tokens_B": tc_B, "rejected_tokens_B": tr_B}
-        if self.orpo_nll == "sequence":
-            row_RT = (mb["segment_ids"] > 0).astype(jnp.float32)
-            data["nll_logps_B"] = split_pairs(jnp.sum(logp_RT * row_RT, axis=-1))[0]
-            data["nll_tokens_B"] = split_pairs(jnp.sum(row_RT, axis=-1))[0]
+        nll_mask_RT = self._nll_mask(mb)
+        nll_logps_B = split_pairs(jnp.sum(logp_RT * nll_mask_RT, axis=-1))[0]
+        nll_tokens_B = split_pairs(jnp.sum(nll_mask_RT, axis=-1))[0]
+        fixed_den = ctx.stats if ctx.stats is not None else self.sft_denominator
+        nll_B = -nll_logps_B / jnp.maximum(nll_tokens_B if fixed_den is None else fixed_den, 1.0)
+        data = {"chosen_tokens_B": tc_B, "rejected_tokens_B": tr_B, "nll_logps_B": nll_logps_B,
+                "nll_tokens_B": nll_tokens_B, "sft_denominator": fixed_den}
         args = (c_B, r_B)
         if self.reference != "none":
             ref_R = jax.lax.stop_gradient(self._reference_logps(params, ctx.ref_params, mb).astype(jnp.float32))
@@ -200,19 +238,23 @@ class Preference(Objective):
             w_R = wpo_weights(logp_RT, lss_RT, mask_RT)
             w_c, w_r = split_pairs(w_R)
             weight_B = w_c * w_r
-        total_B, metrics = 0.0, None
+        total_B, metrics, nll_weight = 0.0, None, self.sft_weight
         for name, weight, fn in self.terms:
-            if fn is None:
-                term_B = -c_B / jnp.maximum(tc_B, 1.0)
-            else:
-                fn_data = {k: v for k, v in data.items() if k in inspect.signature(fn).parameters}
-                term_B, m = fn(*args, **fn_data, **self.term_kwargs[name])
-                metrics = m if metrics is None else metrics
-                if weight_B is not None:
-                    term_B = term_B * weight_B
+            if fn is None:  # "sft"
+                nll_weight += weight
+                continue
+            fn_data = {k: v for k, v in data.items() if k in inspect.signature(fn).parameters}
+            term_B, m = fn(*args, **fn_data, **self.term_kwargs[name])
+            metrics = m if metrics is None else metrics
+            if weight_B is not None:
+                term_B = term_B * weight_B
             total_B = total_B + weight * term_B
         m_B = mb["pair_mask"].astype(jnp.float32)
         sums = masked_sums(metrics, m_B)
+        if nll_weight:
+            sums["preference_loss"] = jnp.sum(jax.lax.stop_gradient(total_B) * m_B)
+            sums["sft_loss"] = jnp.sum(jax.lax.stop_gradient(nll_B) * m_B)
+            total_B = total_B + nll_weight * nll_B
         sums["chosen_tokens"] = jnp.sum(tc_B * m_B)
         sums["rejected_tokens"] = jnp.sum(tr_B * m_B)
         if weight_B is not None:
