@@ -69,3 +69,15 @@ def sft_single_and_sharded(lm, tx, schedule, batch: dict, shape, *, grad_accum: 
             state, metrics = step(state, batch)
         out.append((jax.device_get(metrics), jax.device_get(state.params), state))
     return tuple(out)
+
+
+def trl_reference():
+    """tests/trl_reference.py (TRL 1.16's own loss code; imports torch); skips the calling test when torch or trl is
+    not importable."""
+    import pytest
+
+    pytest.importorskip("torch")
+    pytest.importorskip("trl")
+    from tests import trl_reference as module
+
+    return module

@@ -53,18 +53,11 @@ from jaxpost.losses import (
     vespo,
 )
 from jaxpost.rollout.rewards import RewardSet
-from tests.test_rl_losses import MAX_LEN, MODES, f32, jcall, jit, rl_batch
+from tests.helpers import trl_reference
+from tests.test_rl_losses import MAX_LEN, MODES, SEQUENCE_FORM, f32, jcall, jit, rl_batch
 
-SEQUENCE_FORM = ("gspo_seq", "luspo", "rloo_seq")  # one ratio and one advantage per sequence
 
-
-def _trl():
-    """tests/trl_reference.py (imports torch); skip the calling test when torch or trl is not importable."""
-    pytest.importorskip("torch")
-    pytest.importorskip("trl")
-    from tests import trl_reference
-
-    return trl_reference
+_trl = trl_reference
 
 
 def f64(x):

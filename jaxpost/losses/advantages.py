@@ -10,10 +10,10 @@ device or host that holds part of the batch must hold whole groups (split rows a
 
 Two kinds of estimator, both registered in ``ADVANTAGE_ESTIMATORS``:
 
-* sequence level (``SEQUENCE_LEVEL_ESTIMATORS``: grpo, dr_grpo, rloo, reinforce): ``f(rewards_B, *, group_size, mask_B=None,
-  **hyper) -> advantages_B``, one advantage per sequence ``[B]`` (policy losses broadcast it over the sequence's
-  tokens; ``broadcast_to_tokens`` does it explicitly). ``mask_B`` marks real rows (padding rows, e.g. the groups a
-  dynamic-sampling filter dropped, get 0 and take no part in any statistic).
+* sequence level (``SEQUENCE_LEVEL_ESTIMATORS``: grpo, dr_grpo, rloo, reinforce):
+  ``f(rewards_B, *, group_size, mask_B=None, **hyper) -> advantages_B``, one advantage per sequence ``[B]`` (policy
+  losses broadcast it over the sequence's tokens; ``broadcast_to_tokens`` does it explicitly). ``mask_B`` marks real
+  rows (padding rows, e.g. the groups a dynamic-sampling filter dropped, get 0 and take no part in any statistic).
 * token level (``TOKEN_LEVEL_ESTIMATORS``: reinforce_pp, gae): ``f(token_rewards_BT, mask_BT, *, **hyper) ->
   (advantages_BT, returns_BT)``, per token ``[B, T]``. Build ``token_rewards_BT`` with ``sequence_to_token_rewards``
   (the outcome reward on the last response token) and, for a KL penalty in the reward,
@@ -122,8 +122,8 @@ def masked_whiten(x_BT: Float[Array, "B T"], mask_BT: Float[Array, "B T"], *, ep
     """(x - mean) * rsqrt(var + eps) over the valid tokens of the global batch; 0 where masked.
 
     verl's ``masked_whiten`` (unbiased variance, ddof=1; OpenRLHF uses ddof=0); ``shift_mean=False`` adds the mean
-    back (scale only). PPO implementations (verl; TRL < 1.0's PPOTrainer) whiten the GAE advantages with it. ``axis_name``: psum the
-    statistics over that mesh axis inside ``shard_map``.
+    back (scale only). PPO implementations (verl; TRL < 1.0's PPOTrainer) whiten the GAE advantages with it.
+    ``axis_name``: psum the statistics over that mesh axis inside ``shard_map``.
     """
     x_BT, m_BT = _f32(x_BT), _f32(jnp.asarray(mask_BT) > 0)
     x_BT = jnp.where(m_BT > 0, x_BT, 0.0)
@@ -273,8 +273,9 @@ def gae(token_rewards_BT: Float[Array, "B T"], mask_BT: Float[Array, "B T"], *, 
     response token (``sequence_to_token_rewards``, minus a per-token KL penalty if any); ``values_BT`` the value
     model's predictions V(s_t) aligned with the tokens. V after the last valid token is 0 (the episode ends).
     Masked tokens are skipped: they get 0, and the recursion links each valid token to the next valid one (as verl's
-    multi-turn GAE). gamma = 1 and lam = 0.95 were TRL's PPO defaults (TRL < 1.0; verl: lam = 1). Returns (advantages_BT,
-    returns_BT); the advantages are not whitened (verl and TRL < 1.0 whiten them for PPO: ``masked_whiten``).
+    multi-turn GAE). gamma = 1 and lam = 0.95 were TRL's PPO defaults (TRL < 1.0; verl: lam = 1). Returns
+    (advantages_BT, returns_BT); the advantages are not whitened (verl and TRL < 1.0 whiten them for PPO:
+    ``masked_whiten``).
     """
     r_BT, m_BT, v_BT = _f32(token_rewards_BT), _f32(jnp.asarray(mask_BT) > 0), _f32(values_BT)
     v_BT = jnp.where(m_BT > 0, v_BT, 0.0)

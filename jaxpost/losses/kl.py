@@ -29,9 +29,11 @@ the KL-regularised objective. *In the loss* (``kl_loss``) it is beta * k added t
 aggregated with it (GRPO, Shao et al. 2024, arXiv:2402.03300, uses k3 there).
 
 Names: ``k1``, ``k2``, ``k3`` (verl's ``kl``/``k1``, ``mse``/``k2``, ``low_var_kl``/``k3``; verl also clamps
-log r to [-20, 20] and k3 to [-10, 10], here ``max_log_ratio`` optionally clamps log r). TRL 1.16's GRPO ``beta`` term is
-``kl_loss(..., estimator="k3", old_logp_BT=old)`` by default (``use_bias_correction_kl=True``: k3 times the ratio) and
-``kl_loss(..., estimator="k3")`` with ``use_bias_correction_kl=False``. Everything is in float32 at least; masked positions give 0.
+log r to [-20, 20] and k3 to [-10, 10], here ``max_log_ratio`` optionally clamps log r). TRL 1.16's GRPO ``beta``
+term is ``kl_loss(..., estimator="k3", old_logp_BT=old)`` by default (``use_bias_correction_kl=True``: k3 times the
+ratio) and ``kl_loss(..., estimator="k3")`` with ``use_bias_correction_kl=False``; with its sequence-level importance
+sampling TRL weights the KL by the sequence ratio instead, which has no equivalent here. Everything is in float32 at
+least; masked positions give 0.
 """
 
 from __future__ import annotations

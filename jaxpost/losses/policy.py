@@ -224,8 +224,8 @@ def gspo(logp_BT: Float[Array, "B T"], old_logp_BT: Float[Array, "B T"], advanta
     aggregation, this is also TRL's ``importance_sampling_level="sequence"`` for its clipped loss types (same values
     and gradients; TRL's default epsilon is 0.2 there), as long as a rollout-correction weight, if any, is constant
     within each sequence: a token-level weight scales each token's gradient here, while TRL's sequence form spreads
-    the sequence's mean weight over its tokens (``gspo_seq`` is TRL's form there too). Default eps_low = 3e-4, eps_high = 4e-4
-    are the paper's (sequence ratios sit much closer to 1 than token ratios).
+    the sequence's mean weight over its tokens (``gspo_seq`` is TRL's form there too). Default eps_low = 3e-4,
+    eps_high = 4e-4 are the paper's (sequence ratios sit much closer to 1 than token ratios).
 
     Metrics: clip fractions and ``seq_ratio`` per sequence (sum, number of sequences); ``ratio``/``approx_kl`` per
     token as in ``ppo_clip``.
@@ -458,7 +458,8 @@ def value_loss(values_BT: Float[Array, "B T"], old_values_BT: Float[Array, "B T"
         l_t = 0.5 max((V_t - R_t)^2, (clip(V_t, V_old_t - eps_v, V_old_t + eps_v) - R_t)^2)
 
     (``clip_eps=None``: 0.5 (V_t - R_t)^2). Schulman et al. 2017 (the clipped value objective of the PPO reference
-    implementation, OpenAI baselines ppo2); eps_v = 0.2 was TRL's ``cliprange_value`` (its PPOTrainer, gone from TRL 1.x; verl defaults to 0.5).
+    implementation, OpenAI baselines ppo2); eps_v = 0.2 was TRL's ``cliprange_value`` (its PPOTrainer, gone from
+    TRL 1.x; verl defaults to 0.5).
     Aggregate it like the policy loss. ``returns_BT`` from ``gae``; ``values_BT`` carries the gradient.
     Metrics: ``vf_clip_frac`` (tokens where the clipped term is the larger), ``vf_error`` ((V - R)^2).
     """

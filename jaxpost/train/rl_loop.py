@@ -72,9 +72,9 @@ def concat_rollouts(parts: Sequence[Rollout], groups: Sequence[tuple[int, int]],
         prompts += [filler] * (total_groups - len(groups))
     row_mask = np.zeros((R,), np.float32)
     row_mask[:len(rows)] = 1.0
-    return Rollout(tokens=tokens, mask=np.arange(N)[None, :] < lengths[:, None], logprobs=logprobs, lengths=lengths, finish=finish,
-                   prompt_index=np.repeat(np.arange(total_groups, dtype=np.int32), group_size), prompts=prompts,
-                   steps=max(p.steps for p in parts)), row_mask
+    return Rollout(tokens=tokens, mask=np.arange(N)[None, :] < lengths[:, None], logprobs=logprobs, lengths=lengths,
+                   finish=finish, prompt_index=np.repeat(np.arange(total_groups, dtype=np.int32), group_size),
+                   prompts=prompts, steps=max(p.steps for p in parts)), row_mask
 
 
 @dataclasses.dataclass
