@@ -11,6 +11,10 @@ DeepSeek-R1-Zero curve, selected rather than taught). The trace is never rewarde
         --config.loss.aggregation=seq_mean_token_sum_norm                                        # Dr. GRPO
     python -m experiments.grpo_reason --config.loss.policy_loss=gspo --config.loss.eps_low=3e-4 \\
         --config.loss.eps_high=4e-4 --config.loss.aggregation=seq_mean_token_mean             # GSPO
+    python -m experiments.grpo_reason --config.loss.policy_loss=cispo                         # CISPO (also sapo,
+                                                                                              # vespo, luspo)
+    python -m experiments.grpo_reason --config.rollout.sampler_dtype=bfloat16 \\
+        --config.loss.rollout_correction=token_truncate --config.loss.correction_clip_max=2   # a bf16 sampler + TIS
 
 (figures: docs/benchmarks.md, "The reasoning lab")
 """

@@ -16,7 +16,9 @@
 4. update (`RLTrainer.update`): `ppo_epochs` passes over the rows, shuffled and split into `minibatches` optimizer
    steps of the one step builder (`jaxpost.train.step.make_step` with the `PolicyGradient` objective);
 5. metrics (`RLTrainer.metrics`): host floats of the iteration (reported on the first sampling round: an unbiased
-   view of the policy, whatever dynamic sampling kept).
+   view of the policy, whatever dynamic sampling kept); with the trainer's old log-probs, `correction/*` measures
+   the sampler / trainer mismatch (`jaxpost.losses.rollout_correction`), which `RLLossConfig.rollout_correction`
+   corrects with importance weights (the `is_weight` array of the update batch).
 
 Each phase returns what the next reads, so a test or a tool can run them one by one and look at any of them.
 Randomness (sampling seeds and mini-batch orders) derives from the train state's RNG key and the iteration number,
@@ -276,10 +278,11 @@ class RLTrainer:
                  "advantages": np.asarray(adv)}
         if lc.kl_in_loss:
             batch["ref_logp"] = scored["ref_logp"]
-        if lc.rollout_correction != "none":
+        if self.trainer_logp:  # the sampler / trainer mismatch, measured always, corrected when configured
             weight, info = jax.device_get(self._correction(scored["logp"], scored["sample_logp"], mask))
-            batch["is_weight"] = np.asarray(weight)
             batch["correction"] = {k: float(v) for k, v in info.items()}
+            if lc.rollout_correction != "none":
+                batch["is_weight"] = np.asarray(weight)
         if self.model.value != "none":
             batch["old_values"] = scored["values"]
             batch["returns"] = np.asarray(returns)
