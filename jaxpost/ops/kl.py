@@ -14,11 +14,12 @@ either model outlives its chunk. It dispatches to
 "auto" picks "chunked" on every backend for now; a Pallas kernel goes in `_IMPLS` when it exists.
 `token_kl_topk` is the sparse variant: forward KL against the teacher's renormalised top-k.
 
-Under a mesh (`jax.set_mesh`) tokens may be split over (data, fsdp); the chunked scan splits each chunk like any
-other matmul. The vocabulary is sliced in the backward pass only when no `tensor` axis splits it (else token chunks,
-as in the log-prob core); a vocabulary sharded over `tensor` is not yet handled natively: XLA's partitioner runs the
-[chunk x V] log-sum-exp with cross-device reductions, or gathers W when it cannot (a vocab-parallel kernel is the
-later step).
+Under a mesh (`jax.set_mesh`) tokens may be split over (data, fsdp): XLA's partitioner splits each chunk's matmuls
+like any other (tested: 8 emulated devices give the single-device values and gradients). A vocabulary split over
+`tensor` is not handled natively yet: the backward pass then scans token chunks (slicing a sharded vocabulary would
+gather it, as in the log-prob core), and inside each chunk the partitioner keeps V split and reduces the per-token
+stats across devices (no all-gather of W in the compiled CPU program at the tested shapes; values tested equal). A
+vocab-parallel shard_map like jaxpost/ops/fused.py's is the later step.
 """
 
 from __future__ import annotations
@@ -234,12 +235,13 @@ def _unembed_DV(name, who, hidden, unembed, vocab_major):
     return unembed.T if vocab_major else unembed
 
 
-def _apply_mask(name, div, mask):
-    if mask is None:
-        return div
-    if mask.shape != div.shape:
-        raise ValueError(f"{name}: mask {mask.shape} does not match the tokens {div.shape}")
-    return jnp.where(mask.astype(bool), div, 0.0)
+def _check_mask(name, mask, tokens_shape):
+    if mask is not None and mask.shape != tokens_shape:
+        raise ValueError(f"{name}: mask {mask.shape} does not match the tokens {tokens_shape}")
+
+
+def _apply_mask(div, mask):
+    return div if mask is None else jnp.where(mask.astype(bool), div, 0.0)
 
 
 def token_kl(
@@ -304,6 +306,7 @@ def token_kl(
     if h_student.shape[:-1] != h_teacher.shape[:-1] or h_student.ndim not in (2, 3):
         raise ValueError(f"{name}: h_student {h_student.shape} and h_teacher {h_teacher.shape} must share their "
                          f"leading [N] or [B, T] dims")
+    _check_mask(name, mask, h_student.shape[:-1])
     ws_DV = _unembed_DV(name, "student", h_student, w_student, student_vocab_major)
     wt_DV = _unembed_DV(name, "teacher", h_teacher, w_teacher, teacher_vocab_major)
     if ws_DV.shape[1] != wt_DV.shape[1]:
@@ -318,7 +321,7 @@ def token_kl(
     budget = DEFAULT_CHUNK_BUDGET_BYTES if chunk_budget_bytes is None else chunk_budget_bytes
     div = _IMPLS[impl](hs_BTD, ws_DV, ht_BTD, wt_DV, temperature=float(temperature), kind=kind, beta=float(beta),
                        budget=budget)
-    return _apply_mask(name, div[0] if flat else div, mask)
+    return _apply_mask(div[0] if flat else div, mask)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -445,6 +448,7 @@ def token_kl_topk(
                          f"{teacher_topk_ids.shape} must both be [*N, K] with *N = {h_student.shape[:-1]}")
     if h_student.ndim not in (2, 3):
         raise ValueError(f"{name}: h_student must be [N, D] or [B, T, D], got {h_student.shape}")
+    _check_mask(name, mask, h_student.shape[:-1])
     w_DV = _unembed_DV(name, "student", h_student, w_student, student_vocab_major)
     if impl == "auto":
         impl = default_kl_impl()
@@ -463,4 +467,4 @@ def token_kl_topk(
         n_chunks, v_chunks = _plan(B, T, w_DV.shape[1], budget, 1)
         cross, lse = _topk_chunked(h_BTD, w_DV, ids_BTK, pk_BTK, temperature, n_chunks, v_chunks)
     div = neg_ent - (cross[0] if flat else cross) + (lse[0] if flat else lse)  # sum_k p~_k = 1
-    return _apply_mask(name, div, mask)
+    return _apply_mask(div, mask)
