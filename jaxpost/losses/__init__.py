@@ -57,6 +57,19 @@ from jaxpost.losses.advantages import (
     sequence_to_token_rewards,
 )
 from jaxpost.losses.correction import CORRECTION_MODES, check_correction, rollout_correction
+from jaxpost.losses.distill import (
+    DISTILL_LOSSES,
+    Divergence,
+    distill_token_loss,
+    forward_kl_divergence,
+    get_distill_loss,
+    jsd_divergence,
+    kd_mix,
+    kd_scale,
+    on_policy_distill_advantages,
+    reverse_kl_divergence,
+    topk_forward_kl_divergence,
+)
 from jaxpost.losses.kl import (
     KL_ESTIMATORS,
     get_kl_estimator,
@@ -121,6 +134,10 @@ __all__ = [
     # KL to the reference
     "KL_ESTIMATORS", "get_kl_estimator", "k1", "k2", "k3", "kl_loss", "kl_penalty_token_rewards",
     "kl_penalty_sequence_rewards",
+    # distillation
+    "DISTILL_LOSSES", "Divergence", "get_distill_loss", "forward_kl_divergence", "reverse_kl_divergence",
+    "jsd_divergence", "topk_forward_kl_divergence", "distill_token_loss", "kd_mix", "kd_scale",
+    "on_policy_distill_advantages",
     # rollout-trainer mismatch correction
     "CORRECTION_MODES", "check_correction", "rollout_correction",
 ]
