@@ -30,7 +30,7 @@ import subprocess
 import sys
 import time
 
-from tools.bench_logprobs import _device_peak_mb, _memory, _rss_peak_mb, _time, matmul_peak_tflops
+from tools.bench_logprobs import _device_peak_mb, _memory, _rss_peak_mb, _time, add_ratios, matmul_peak_tflops
 from tools.report import write_report
 
 TARGETS = {"temp_vs_naive": 0.05, "time_vs_naive": 1.2}  # forward+backward, from the distillation issue
@@ -83,17 +83,10 @@ def run_case(kind: str, impl: str, n: int, d: int, dt: int, v: int, dtype: str, 
 
 
 def _ratios(results: dict, peak: float) -> None:
-    naive = results.get("naive", {})
+    add_ratios(results, peak)
     for r in results.values():
-        if "error" in r or "error" in naive:
+        if "error" in r or "error" in results.get("naive", {}):
             continue
-        for name in ("fwd", "fwd_bwd"):
-            r[name]["fraction_of_matmul_peak"] = r[name]["tflops"] / peak
-            r[name]["time_vs_naive"] = r[name]["ms"] / naive[name]["ms"]
-            if "temp_mb" in r[name] and naive[name].get("temp_mb"):
-                r[name]["temp_vs_naive"] = r[name]["temp_mb"] / naive[name]["temp_mb"]
-        if naive.get("measured_peak_mb", 0) > 0:
-            r["peak_vs_naive"] = r["measured_peak_mb"] / naive["measured_peak_mb"]
         fb = r["fwd_bwd"]
         if r["impl"] != "naive" and "temp_vs_naive" in fb:
             r["meets_targets"] = all(fb[key] <= bound for key, bound in TARGETS.items())

@@ -171,8 +171,17 @@ def main() -> None:
             continue
         results[impl] = json.loads(proc.stdout.strip().splitlines()[-1])
 
+    add_ratios(results, peak)
+    print(json.dumps({
+        "backend": backend, "device": jax.devices()[0].device_kind, "n": n, "d": d, "v": v, "dtype": dtype,
+        "reps": reps, "matmul_peak_tflops": peak, "results": results,
+    }, indent=2))
+
+
+def add_ratios(results: dict, peak: float) -> None:
+    """Each impl's fraction of the matmul peak and its time, temporaries and peak memory over naive's (same run)."""
     naive = results.get("naive", {})
-    for impl, r in results.items():
+    for r in results.values():
         if "error" in r or "error" in naive:
             continue
         for name in ("fwd", "fwd_bwd"):
@@ -182,10 +191,6 @@ def main() -> None:
                 r[name]["temp_vs_naive"] = r[name]["temp_mb"] / naive[name]["temp_mb"]
         if naive.get("measured_peak_mb", 0) > 0:
             r["peak_vs_naive"] = r["measured_peak_mb"] / naive["measured_peak_mb"]
-    print(json.dumps({
-        "backend": backend, "device": jax.devices()[0].device_kind, "n": n, "d": d, "v": v, "dtype": dtype,
-        "reps": reps, "matmul_peak_tflops": peak, "results": results,
-    }, indent=2))
 
 
 if __name__ == "__main__":
