@@ -817,3 +817,25 @@ def test_nll_mean_batch_is_trls_batch_token_mean_under_any_split():
     per_sequence = jit_step(loss="orpo", loss_kwargs=(("beta", 0.1),), reference="none", orpo_nll="sequence")
     per_sequence_loss = float(per_sequence(state, None, split_microbatches(batch, 1))[1]["loss"])
     assert abs(per_sequence_loss - float(m_fixed["loss"])) > 1e-4
+
+
+@pytest.mark.parametrize("name,kwargs", [("cpo", (("beta", 0.5), ("label_smoothing", 0.1))), ("cpo_hinge", ()),
+                                         ("cpo_ipo", ()), ("alphapo", (("alpha", 0.25), ("gamma", 0.3)))])
+def test_reference_free_cpo_forms_run_in_the_preference_step(name, kwargs):
+    """CPO's sigmoid / hinge / IPO forms and AlphaPO are usable in the preference step without a reference: the
+    step's loss is the pure loss of the model's own summed log-probs (sft_weight 0: the objective's NLL term is off)."""
+    from jaxpost.losses import REFERENCE_FREE_LOSSES
+    from jaxpost.train.dpo import split_pairs
+
+    lm, params = cached_lm(tiny_config())
+    batch = model_batch()
+    _, state = _sgd_state(params)
+    step = jit_step(loss=name, loss_kwargs=kwargs, reference="none")
+    _, metrics = step(state, None, split_microbatches(batch, 1))
+    b = _row_arrays(batch)
+    logp, _ = _logits_logps(lm, params, b)
+    m = b["loss_mask"].astype(jnp.float32)
+    (c, r), (nc, nr) = split_pairs(jnp.sum(logp * m, -1)), split_pairs(jnp.sum(m, -1))
+    want, _ = REFERENCE_FREE_LOSSES[name](c, r, chosen_tokens_B=nc, rejected_tokens_B=nr, sft_weight=0.0,
+                                          **dict(kwargs))
+    np.testing.assert_allclose(float(metrics["loss"]), float(jnp.mean(want)), rtol=1e-5)
