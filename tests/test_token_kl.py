@@ -319,8 +319,10 @@ def test_vocab_major_layouts_and_flat_tokens_give_the_same_result(impl):
         np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=1e-6, rtol=1e-6)
 
 
-def test_auto_is_chunked_for_now():
-    assert default_kl_impl("cpu") == default_kl_impl("tpu") == default_kl_impl("gpu") == "chunked"
+def test_auto_is_pallas_on_tpu_and_gpu_and_chunked_elsewhere():
+    assert default_kl_impl("tpu") == "pallas_tpu"
+    assert default_kl_impl("gpu") == default_kl_impl("cuda") == "pallas_gpu"
+    assert default_kl_impl("cpu") == "chunked"
     hs, ws, ht, wt = _inputs(13)
     np.testing.assert_array_equal(np.asarray(token_kl(hs, ws, ht, wt, impl="auto")),
                                   np.asarray(token_kl(hs, ws, ht, wt, impl="chunked")))

@@ -10,8 +10,12 @@ either model outlives its chunk. It dispatches to
   column block fits the budget (dW is written once per block, only the [tokens x D] dh is accumulated), else over
   token chunks (the [D x V] dW is accumulated). The forward pass computes 2 logit blocks per chunk, the backward pass
   4 matmuls (both logits again, dh, dW): 6 N V D matmul-flops against the naive path's 4 (D_s = D_t = D);
-- "naive": both full [N, V] logits and autodiff, the reference for tests and benchmarks.
-"auto" picks "chunked" on every backend for now; a Pallas kernel goes in `_IMPLS` when it exists.
+- "naive": both full [N, V] logits and autodiff, the reference for tests and benchmarks;
+- the Pallas kernels ("pallas_tpu", "pallas_gpu"; kernels/fused_kl, wrapped in jaxpost/ops/fused_kl.py): both
+  models' logit tiles live only in on-chip memory, with an online log-sum-exp of each and one online moment over
+  vocabulary blocks. Kinds "forward" and "reverse"; "jsd" (whose mixture needs both complete log-sum-exps before the
+  first block is summed) and any call under a multi-device mesh run the chunked path instead (see `_token_kl_pallas`).
+"auto" picks the Pallas kernel on TPU and NVIDIA GPU, "chunked" elsewhere (`default_kl_impl`).
 `token_kl_topk` is the sparse variant: forward KL against the teacher's renormalised top-k.
 
 Under a mesh (`jax.set_mesh`) tokens may be split over (data, fsdp): XLA's partitioner splits each chunk's matmuls
@@ -36,7 +40,7 @@ from jaxtyping import Array, Float, Int
 from jaxpost.ops.logprobs import (DEFAULT_CHUNK_BUDGET_BYTES, _flat, _from_chunks, _logits, _num_chunks,
                                   _num_vocab_chunks, _scan, _to_chunks)
 
-KL_IMPLS = ("auto", "chunked", "naive")
+KL_IMPLS = ("auto", "pallas_tpu", "pallas_gpu", "chunked", "naive")
 KINDS = ("forward", "reverse", "jsd")
 # Two models' [chunk x V] blocks are alive at once: each gets half the budget, planned like the log-prob core's.
 _MODELS_PER_CHUNK = 2
@@ -199,24 +203,48 @@ def _plan(B: int, T: int, V: int, budget_bytes: int, models: int) -> tuple[int, 
     return _num_chunks(B, T, V, share), _num_vocab_chunks(B * T, V, share)
 
 
-def _token_kl_naive(hs_BTD, ws_DV, ht_BTD, wt_DV, *, temperature, kind, beta, budget):
+def _token_kl_naive(hs_BTD, ws_DV, ht_BTD, wt_DV, *, temperature, kind, beta, budget, vocab_major):
     return _naive(hs_BTD, ws_DV, ht_BTD, wt_DV, temperature, kind, beta)
 
 
-def _token_kl_chunked(hs_BTD, ws_DV, ht_BTD, wt_DV, *, temperature, kind, beta, budget):
+def _token_kl_chunked(hs_BTD, ws_DV, ht_BTD, wt_DV, *, temperature, kind, beta, budget, vocab_major):
     B, T = hs_BTD.shape[:2]
     n_chunks, v_chunks = _plan(B, T, ws_DV.shape[1], budget, _MODELS_PER_CHUNK)
     return _chunked(hs_BTD, ws_DV, ht_BTD, wt_DV, temperature, kind, beta, n_chunks, v_chunks)
 
 
-# impl name -> f(hs_BTD, ws_DV, ht_BTD, wt_DV, *, temperature, kind, beta, budget) -> float32 [B, T]
-_IMPLS = {"chunked": _token_kl_chunked, "naive": _token_kl_naive}
+def _token_kl_pallas(kernel, hs_BTD, ws_DV, ht_BTD, wt_DV, *, temperature, kind, beta, budget, vocab_major):
+    """The fused kernels on the flattened tokens. Falls back to the chunked path (same values and gradients) for
+    kind "jsd" (no one-pass kernel: see kernels/fused_kl/common.py) and under a mesh of more than one device (a
+    `pallas_call` has no partitioning rule: XLA would gather the token-sharded inputs onto every device; a shard_map
+    as in jaxpost/ops/fused.py is the later step)."""
+    from jaxpost.ops import fused_kl
+
+    mesh = jax.sharding.get_abstract_mesh()
+    if kind == "jsd" or (not mesh.empty and mesh.size > 1):
+        return _token_kl_chunked(hs_BTD, ws_DV, ht_BTD, wt_DV, temperature=temperature, kind=kind, beta=beta,
+                                 budget=budget, vocab_major=vocab_major)
+    svm, tvm = vocab_major
+    # Back to the stored layout: transpose(transpose(W)) should fold to W in XLA, so that the kernel reads the [V, D]
+    # table in place (not yet checked in a compiled TPU / GPU program).
+    ws, wt = (ws_DV.T if svm else ws_DV), (wt_DV.T if tvm else wt_DV)
+    spec = fused_kl.make_spec(kernel, kind=kind, temperature=temperature, student_vocab_major=svm,
+                              teacher_vocab_major=tvm, chunk_budget_bytes=budget)
+    B, T = hs_BTD.shape[:2]
+    return fused_kl.fused_token_kl(_flat(hs_BTD), ws, _flat(ht_BTD), wt, spec).reshape(B, T)
+
+
+# impl name -> f(hs_BTD, ws_DV, ht_BTD, wt_DV, *, temperature, kind, beta, budget, vocab_major) -> float32 [B, T];
+# vocab_major = (student, teacher): whether each W arrived as [V, D] (ws_DV / wt_DV are then its transpose).
+_IMPLS = {"chunked": _token_kl_chunked, "naive": _token_kl_naive,
+          "pallas_tpu": functools.partial(_token_kl_pallas, "pallas_tpu"),
+          "pallas_gpu": functools.partial(_token_kl_pallas, "pallas_gpu")}
 
 
 def default_kl_impl(backend: str | None = None) -> str:
-    """What impl="auto" picks: "chunked" on every backend until a fused kernel joins `_IMPLS`."""
-    del backend
-    return "chunked"
+    """What impl="auto" picks: the Pallas kernel on TPU and NVIDIA GPU, the chunked XLA path elsewhere."""
+    backend = backend or jax.default_backend()
+    return {"tpu": "pallas_tpu", "gpu": "pallas_gpu", "cuda": "pallas_gpu"}.get(backend, "chunked")
 
 
 def _check_common(name, impl, temperature):
@@ -292,10 +320,14 @@ def token_kl(
     KL(q || m) for jsd); then dh_s = dz W_s^T and dW_s = h_s^T dz, dz = g * d div / d(h_s W_s), accumulated over chunks.
 
     impl:
-      "auto"     `default_kl_impl()`: "chunked" everywhere for now;
-      "chunked"  pure XLA custom VJP over token / vocabulary chunks whose float32 [chunk x V] temporaries (both models
-                 together) stay within `chunk_budget_bytes` (default 64 MiB);
-      "naive"    both full [N, V] logits: the reference, for tests and benchmarks only.
+      "auto"        `default_kl_impl()`: "pallas_tpu" on TPU, "pallas_gpu" on GPU, "chunked" elsewhere;
+      "pallas_tpu"  the Mosaic TPU kernels of kernels/fused_kl/tpu.py (interpret mode on CPU);
+      "pallas_gpu"  the Pallas GPU kernels of kernels/fused_kl/gpu.py (interpret mode on CPU); `chunk_budget_bytes`
+                    bounds its backward's [N, chunk] dz tile;
+                    both Pallas impls run "jsd", and any call under a multi-device mesh, on the chunked path;
+      "chunked"     pure XLA custom VJP over token / vocabulary chunks whose float32 [chunk x V] temporaries (both
+                    models together) stay within `chunk_budget_bytes` (default 64 MiB);
+      "naive"       both full [N, V] logits: the reference, for tests and benchmarks only.
     """
     name = "token_kl"
     _check_common(name, impl, temperature)
@@ -320,7 +352,7 @@ def token_kl(
     hs_BTD, ht_BTD = (h_student[None], ht[None]) if flat else (h_student, ht)
     budget = DEFAULT_CHUNK_BUDGET_BYTES if chunk_budget_bytes is None else chunk_budget_bytes
     div = _IMPLS[impl](hs_BTD, ws_DV, ht_BTD, wt_DV, temperature=float(temperature), kind=kind, beta=float(beta),
-                       budget=budget)
+                       budget=budget, vocab_major=(student_vocab_major, teacher_vocab_major))
     return _apply_mask(div[0] if flat else div, mask)
 
 
@@ -439,7 +471,8 @@ def token_kl_topk(
         KL(p~ || q) = sum_k p~_k (log p~_k - log q[id_k]),   log q[id_k] = b[id_k] - lse(b),  b = h_s W_s / T,
     an exact KL (p~ is 0 off the top-k) that equals `token_kl(kind="forward")` when K = V. The teacher's inputs get
     no gradient; d/d(h_s W_s) = (q - scatter_ids(p~)) / T, as in the full forward KL with p~ for p.
-    impl: "auto" / "chunked" / "naive", as in `token_kl` (the budget is the student's alone).
+    impl: as in `token_kl` (the budget is the student's alone); there is no top-k kernel yet, so "pallas_tpu" and
+    "pallas_gpu" (and "auto" on TPU / GPU) run the chunked path.
     """
     name = "token_kl_topk"
     _check_common(name, impl, temperature)
