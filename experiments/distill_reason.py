@@ -17,8 +17,9 @@ same mixed-strategy data with the teacher's tokenizer.
         --config.teacher_temperature=0
     python -m experiments.distill_reason --workdir runs/distill_reason_kd --config.method=logit_kd
 
-`teacher_from` and `init_from` default to the workdirs above (`--config.teacher_from=...` to change them). Not run
-yet: no figures.
+`teacher_from` and `init_from` default to the workdirs above (`--config.teacher_from=...` to change them).
+Figures (every method against GRPO from the student's start, at equal wall time): docs/benchmarks.md, "Distillation
+into a quarter-size student".
 """
 
 import dataclasses
