@@ -348,3 +348,36 @@ def test_bad_arguments_are_named():
         token_kl_topk(hs, ws, jnp.zeros((2, 5, 3)), jnp.zeros((2, 5, 4), jnp.int32))
     assert math.isclose(float(token_kl(hs, ws, ht, wt, temperature=2.0).sum()),
                         float(np.sum(_np_div(hs, ws, ht, wt, "forward", temperature=2.0))), rel_tol=1e-5)
+
+
+@pytest.mark.parametrize("kind,beta", [("forward", 0.5), ("reverse", 0.5), ("jsd", 0.3)])
+def test_token_kl_loss_equals_the_weighted_sum_in_value_and_gradient(kind, beta):
+    """token_kl_loss (the gradient formed in the forward pass) = sum(w * token_kl(naive)) in value and in the
+    gradients of h_s and W_s, over several token chunks; the teacher and the weights get none."""
+    from jaxpost.ops import token_kl_loss
+
+    k = jax.random.split(jax.random.key(7), 5)
+    hs, ws = jax.random.normal(k[0], (2, 6, 8)), jax.random.normal(k[1], (8, 40))
+    ht, wt = jax.random.normal(k[2], (2, 6, 12)), jax.random.normal(k[3], (12, 40))
+    w = jax.random.uniform(k[4], (2, 6)) * (jnp.arange(6)[None, :] < jnp.array([[6], [4]]))
+
+    def fused(hs, ws, ht, wt):
+        return token_kl_loss(hs, ws, ht, wt, w, kind=kind, beta=beta, temperature=0.8, chunk_budget_bytes=4000)
+
+    def naive(hs, ws, ht, wt):
+        return jnp.sum(w * token_kl(hs, ws, ht, wt, kind=kind, beta=beta, temperature=0.8, impl="naive"))
+
+    def chunked(hs, ws, ht, wt):
+        return jnp.sum(w * token_kl(hs, ws, ht, wt, kind=kind, beta=beta, temperature=0.8, impl="chunked",
+                                    chunk_budget_bytes=4000))
+
+    (v1, g1), (v2, g2), (v3, g3) = (jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2, 3)))(hs, ws, ht, wt)
+                                    for f in (fused, naive, chunked))
+    np.testing.assert_allclose(v1, v2, rtol=1e-5)
+    np.testing.assert_allclose(v1, v3, rtol=1e-6)
+    for a, b, c in zip(g1[:2], g2[:2], g3[:2]):
+        np.testing.assert_allclose(a, c, rtol=1e-5, atol=1e-7)  # the same hand-derived gradient as token_kl's
+        np.testing.assert_allclose(a, b, rtol=2e-3, atol=1e-5)  # autodiff through float32 log-softmaxes
+    assert not np.any(np.asarray(g1[2])) and not np.any(np.asarray(g1[3]))
+    with pytest.raises(ValueError, match="weights"):
+        token_kl_loss(hs, ws, ht, wt, w[:, :3])

@@ -45,7 +45,7 @@ def run_case(kind: str, impl: str, n: int, d: int, dt: int, v: int, dtype: str, 
     import jax
     import jax.numpy as jnp
 
-    from jaxpost.ops import token_kl
+    from jaxpost.ops import token_kl, token_kl_loss
 
     impl, _, budget_mb = impl.partition("@")
     budget = int(float(budget_mb) * 2**20) if budget_mb else None
@@ -59,7 +59,12 @@ def run_case(kind: str, impl: str, n: int, d: int, dt: int, v: int, dtype: str, 
     jax.block_until_ready((hs, ws, ht, wt))
     base_dev = _device_peak_mb(device)
 
+    fused = impl == "fused_loss"  # token_kl_loss: the sum's gradient formed in the forward pass
+
     def fwd(hs, ws, ht, wt):
+        if fused:  # (its forward computes the gradient too: the same program as fwd_bwd's)
+            return token_kl_loss(hs, ws, ht, wt, jnp.ones(hs.shape[:-1]), kind=kind, beta=beta,
+                                 chunk_budget_bytes=budget)
         return token_kl(hs, ws, ht, wt, kind=kind, beta=beta, impl=impl, chunk_budget_bytes=budget)
 
     def loss(hs, ws, ht, wt):
