@@ -30,7 +30,8 @@ import subprocess
 import sys
 import time
 
-from tools.bench_logprobs import _device_peak_mb, _memory, _rss_peak_mb, _time, add_ratios, matmul_peak_tflops
+from tools.bench_logprobs import (_device_peak_mb, _memory, _rss_peak_mb, _time, add_ratios, finish_case,
+                                  matmul_peak_tflops)
 from tools.report import write_report
 
 TARGETS = {"temp_vs_naive": 0.05, "time_vs_naive": 1.2}  # forward+backward, from the distillation issue
@@ -79,12 +80,7 @@ def run_case(kind: str, impl: str, n: int, d: int, dt: int, v: int, dtype: str, 
         out[name] = {"ms": secs * 1e3, **mem}
         log(f"{kind} {out['impl']} {name}: {secs * 1e3:.1f} ms, temp {mem.get('temp_mb', float('nan')):.1f} MiB")
     flops = {"fwd": 2 * n * v * (d + dt), "fwd_bwd": 4 * n * v * (d + dt) + 4 * n * v * d}
-    for name in ("fwd", "fwd_bwd"):
-        out[name]["tflops"] = flops[name] / (out[name]["ms"] / 1e3) / 1e12
-    dev_peak = _device_peak_mb(device)
-    out["measured_peak_mb"] = (dev_peak - (base_dev or 0.0)) if dev_peak is not None else _rss_peak_mb() - rss0
-    out["measured_peak_source"] = "device peak_bytes_in_use" if dev_peak is not None else "process max RSS growth"
-    return out
+    return finish_case(out, flops, device, base_dev, rss0)
 
 
 def _ratios(results: dict, peak: float) -> None:

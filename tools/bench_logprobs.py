@@ -113,7 +113,12 @@ def run_case(impl: str, n: int, d: int, v: int, dtype: str, reps: int) -> dict:
         secs = _time(compiled, (h, w, t), reps)
         out[name] = {"ms": secs * 1e3, **mem}
         log(f"{out['impl']} {name}: {secs * 1e3:.1f} ms, temp {mem.get('temp_mb', float('nan')):.0f} MiB")
-    flops = {"fwd": 2 * n * d * v, "fwd_bwd": 8 * n * d * v}
+    return finish_case(out, {"fwd": 2 * n * d * v, "fwd_bwd": 8 * n * d * v}, device, base_dev, rss0)
+
+
+def finish_case(out: dict, flops: dict, device, base_dev, rss0) -> dict:
+    """A case's throughput ({"fwd": flops, "fwd_bwd": flops}) and its measured peak memory (the device's peak bytes
+    in use above `base_dev`, else the growth of the process's peak RSS above `rss0`), added to `out`."""
     for name in ("fwd", "fwd_bwd"):
         out[name]["tflops"] = flops[name] / (out[name]["ms"] / 1e3) / 1e12
     dev_peak = _device_peak_mb(device)
