@@ -318,3 +318,18 @@ def test_objective_errors():
         Distill(lm, lm, loss="topk_forward_kl")
     with pytest.raises(ValueError, match="unknown distillation loss"):
         Distill(lm, lm, loss="kd")
+
+
+def test_token_kl_and_token_kl_loss_paths_agree():
+    """kl_impl="auto" on the CPU sums the divergence with `token_kl_loss` (the gradient formed in the forward pass);
+    kl_impl="chunked" goes through `token_kl`: the same loss and the same gradient for every full-vocabulary kind."""
+    lm, params, teacher, teacher_params = _models()
+    mb = _device(_batch(3))
+    for loss, kw in (("forward_kl", {}), ("reverse_kl", {"temperature": 2.0}), ("jsd", {"beta": 0.3})):
+        fused = Distill(lm, teacher, loss=loss, loss_kwargs=kw)
+        chunked = Distill(lm, teacher, loss=loss, loss_kwargs=kw, kl_impl="chunked")
+        assert fused.fused_loss and not chunked.fused_loss
+        (v1, g1), (v2, g2) = (jax.jit(jax.value_and_grad(lambda p, o=o: _loss(o, p, teacher_params, mb)[0]))(params)
+                              for o in (fused, chunked))
+        np.testing.assert_allclose(float(v1), float(v2), rtol=1e-6, err_msg=loss)
+        assert max_abs_diff(g1, g2) < 1e-5 * max(1.0, float(jnp.max(jnp.abs(g2["lm_head"])))), loss

@@ -30,7 +30,7 @@ import jax.numpy as jnp
 
 from jaxpost.batch import ROW_KEYS
 from jaxpost.losses import DISTILL_LOSSES, distill_token_loss, kd_scale, sft_nll
-from jaxpost.ops import token_kl, token_kl_topk
+from jaxpost.ops import default_kl_impl, token_kl, token_kl_loss, token_kl_topk
 from jaxpost.train.step import Context, Objective, row_layout
 
 TOPK_KEYS = ("teacher_topk_logp", "teacher_topk_ids")
@@ -43,7 +43,9 @@ class Distill(Objective):
     loss: a `DISTILL_LOSSES` name ("forward_kl", "reverse_kl", "jsd", "topk_forward_kl"); loss_kwargs: its
     hyperparameters (`temperature`, and `beta` for jsd). kd_weight, nll_weight: the weights of the divergence and of
     the student's NLL of the targets (at temperature 1) on the same loss tokens; scale_by_t2: multiply the divergence
-    by T^2. kl_impl / chunk_budget_bytes: `token_kl`'s impl and memory budget; logprobs_impl: the NLL's.
+    by T^2. kl_impl / chunk_budget_bytes: `token_kl`'s impl and memory budget, or "fused_loss": `token_kl_loss`
+    (the masked sum's gradient formed in the forward pass, naive's flops), which "auto" picks where `token_kl`'s
+    default is the chunked XLA path (CPU); logprobs_impl: the NLL's.
 
     batch: ROW_KEYS as [A, b, T] (plus TOPK_KEYS [A, b, T, K] for "topk_forward_kl"). A LoRA student draws dropout
     masks like SFT's. Metrics: `loss`, `kl` (the token mean of the divergence, unweighted and unscaled), `nll` (the
@@ -93,6 +95,20 @@ class Distill(Objective):
         mesh = jax.tree.leaves(param_shardings)[0].mesh
         return self.teacher.param_shardings(mesh)
 
+    def divergence_sum(self, params, teacher_params, mb: dict, *, dropout_key=None):
+        """(sum of the divergence over the loss tokens, the student's hidden states [b, T, D]) by `token_kl_loss`."""
+        d = self.divergence
+        hs_BTD = self.lm.hidden(params, mb["inputs"], mb["positions"], mb["segment_ids"], dropout_key=dropout_key)
+        ws, ws_vocab_major = self.lm.output_layer(params)
+        teacher_params = jax.lax.stop_gradient(teacher_params)
+        ht_BTD = self.teacher.hidden(teacher_params, mb["inputs"], mb["positions"], mb["segment_ids"])
+        wt, wt_vocab_major = self.teacher.output_layer(teacher_params)
+        mask_BT = (mb["loss_mask"] > 0).astype(jnp.float32)
+        kl_sum = token_kl_loss(hs_BTD, ws, ht_BTD, wt, mask_BT, kind=d.kind, beta=d.beta, temperature=d.temperature,
+                               student_vocab_major=ws_vocab_major, teacher_vocab_major=wt_vocab_major,
+                               chunk_budget_bytes=self.chunk_budget_bytes)
+        return kl_sum, hs_BTD
+
     def token_divergence(self, params, teacher_params, mb: dict, *, dropout_key=None):
         """(per-token divergence [b, T] (0 off the loss mask), the student's hidden states [b, T, D])."""
         d = self.divergence
@@ -112,9 +128,18 @@ class Distill(Objective):
                          chunk_budget_bytes=self.chunk_budget_bytes)
         return kl_BT, hs_BTD
 
+    @property
+    def fused_loss(self) -> bool:
+        """The full-vocabulary divergence summed by `token_kl_loss` (one pass, gradient in the forward pass)."""
+        return not self.topk and (self.kl_impl == "fused_loss"
+                                  or (self.kl_impl == "auto" and default_kl_impl() == "chunked"))
+
     def loss(self, params, mb, ctx: Context):
-        kl_BT, hs_BTD = self.token_divergence(params, ctx.ref_params, mb, dropout_key=ctx.key)
-        kl_sum, _ = distill_token_loss(kl_BT, mb["loss_mask"])
+        if self.fused_loss:
+            kl_sum, hs_BTD = self.divergence_sum(params, ctx.ref_params, mb, dropout_key=ctx.key)
+        else:
+            kl_BT, hs_BTD = self.token_divergence(params, ctx.ref_params, mb, dropout_key=ctx.key)
+            kl_sum, _ = distill_token_loss(kl_BT, mb["loss_mask"])
         if not self.nll_weight:  # the NLL is a metric only: no gradient through it
             hs_BTD = jax.lax.stop_gradient(hs_BTD)
         logp_BT = self.lm.token_logprobs(params, hs_BTD, mb["targets"], impl=self.logprobs_impl).logp
