@@ -152,6 +152,25 @@ def _dlogits(zs_NV, zt_NV, lse_s_N, lse_t_N, moment_N, g_N, inv_temp, kind, beta
     return dz_NV if inv_temp == 1.0 else dz_NV * inv_temp
 
 
+def _vocab_chunked_grads(h_ND, w_DV, v_chunks, dz_block):
+    """(dh [N, D], dW [D, V]) float32 over `v_chunks` column blocks of the student's unembedding: dz_block(v0, w_DC)
+    gives the [N, Vc] logit cotangent of block v0; dh accumulates, each dW block is written once."""
+    Vc = w_DV.shape[1] // v_chunks
+
+    def vbody(carry, i):
+        dh_ND, dw_DV = carry
+        v0 = i * Vc
+        w_DC = jax.lax.dynamic_slice_in_dim(w_DV, v0, Vc, axis=1)
+        dz_NC = dz_block(v0, w_DC)
+        dh_ND = dh_ND + jnp.dot(dz_NC.astype(w_DV.dtype), w_DC.T, preferred_element_type=jnp.float32)
+        dw_DC = jnp.dot(h_ND.T, dz_NC.astype(h_ND.dtype), preferred_element_type=jnp.float32)
+        return (dh_ND, jax.lax.dynamic_update_slice_in_dim(dw_DV, dw_DC, v0, axis=1)), None
+
+    init = (jnp.zeros(h_ND.shape, jnp.float32), jnp.zeros(w_DV.shape, jnp.float32))
+    (dh_ND, dw_DV), _ = _scan(vbody, init, jnp.arange(v_chunks), v_chunks)
+    return dh_ND, dw_DV
+
+
 def _chunked_bwd(temperature, kind, beta, n_chunks, v_chunks, res, g_BT):
     hs_BTD, ws_DV, ht_BTD, wt_DV, moment_BT, lse_s_BT, lse_t_BT = res
     inv_temp = 1.0 / temperature
@@ -162,20 +181,12 @@ def _chunked_bwd(temperature, kind, beta, n_chunks, v_chunks, res, g_BT):
         per_token = [_flat(x) for x in (lse_s_BT, lse_t_BT, moment_BT, g_BT)]
         Vc = V // v_chunks
 
-        def vbody(carry, i):
-            dh_ND, dw_DV = carry
-            v0 = i * Vc
-            ws_DC = jax.lax.dynamic_slice_in_dim(ws_DV, v0, Vc, axis=1)
+        def dz_block(v0, ws_DC):
             wt_DC = jax.lax.dynamic_slice_in_dim(wt_DV, v0, Vc, axis=1)
-            dz_NC = _dlogits(_logits(hs_ND, ws_DC, inv_temp), _logits(ht_ND, wt_DC, inv_temp), *per_token,
-                             inv_temp, kind, beta)
-            dh_ND = dh_ND + jnp.dot(dz_NC.astype(ws_DV.dtype), ws_DC.T, preferred_element_type=jnp.float32)
-            dw_DC = jnp.dot(hs_ND.T, dz_NC.astype(hs_ND.dtype), preferred_element_type=jnp.float32)
-            dw_DV = jax.lax.dynamic_update_slice_in_dim(dw_DV, dw_DC, v0, axis=1)
-            return (dh_ND, dw_DV), None
+            return _dlogits(_logits(hs_ND, ws_DC, inv_temp), _logits(ht_ND, wt_DC, inv_temp), *per_token,
+                            inv_temp, kind, beta)
 
-        init = (jnp.zeros(hs_ND.shape, jnp.float32), jnp.zeros(ws_DV.shape, jnp.float32))
-        (dh_ND, dw_DV), _ = _scan(vbody, init, jnp.arange(v_chunks), v_chunks)
+        dh_ND, dw_DV = _vocab_chunked_grads(hs_ND, ws_DV, v_chunks, dz_block)
         return dh_ND.reshape(hs_BTD.shape).astype(hs_BTD.dtype), dw_DV.astype(ws_DV.dtype), None, None
 
     def body(dw_DV, xs):
@@ -500,25 +511,13 @@ def _topk_chunked_bwd(temperature, n_chunks, v_chunks, res, cts):
     h_BTD, w_DV, ids_BTK, pk_BTK, lse_BT = res
     g_cross, g_lse = cts
     inv_temp = 1.0 / temperature
-    V = w_DV.shape[1]
 
     if v_chunks:
         h_ND = _flat(h_BTD)
         per_token = [_flat(x) for x in (ids_BTK, pk_BTK, lse_BT, g_cross, g_lse)]
-        Vc = V // v_chunks
-
-        def vbody(carry, i):
-            dh_ND, dw_DV = carry
-            v0 = i * Vc
-            w_DC = jax.lax.dynamic_slice_in_dim(w_DV, v0, Vc, axis=1)
-            dz_NC = _topk_dlogits(_logits(h_ND, w_DC, inv_temp), *per_token, inv_temp, v0)
-            dh_ND = dh_ND + jnp.dot(dz_NC.astype(w_DV.dtype), w_DC.T, preferred_element_type=jnp.float32)
-            dw_DC = jnp.dot(h_ND.T, dz_NC.astype(h_ND.dtype), preferred_element_type=jnp.float32)
-            dw_DV = jax.lax.dynamic_update_slice_in_dim(dw_DV, dw_DC, v0, axis=1)
-            return (dh_ND, dw_DV), None
-
-        init = (jnp.zeros(h_ND.shape, jnp.float32), jnp.zeros(w_DV.shape, jnp.float32))
-        (dh_ND, dw_DV), _ = _scan(vbody, init, jnp.arange(v_chunks), v_chunks)
+        dh_ND, dw_DV = _vocab_chunked_grads(
+            h_ND, w_DV, v_chunks, lambda v0, w_DC: _topk_dlogits(_logits(h_ND, w_DC, inv_temp), *per_token, inv_temp,
+                                                                 v0))
         return dh_ND.reshape(h_BTD.shape).astype(h_BTD.dtype), dw_DV.astype(w_DV.dtype), None, None
 
     def body(dw_DV, xs):
