@@ -222,7 +222,9 @@ class OptimConfig:
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class DataConfig:
-    """How examples become batches. `batch_size` is global (all processes, all micro-batches) in rows of `seq_len`."""
+    """How examples become batches. `batch_size` is global (all processes, all micro-batches) in rows of `seq_len`.
+    `on_bad_record`: a malformed line of a JSONL data file (bad UTF-8 or JSON, wrong fields) is an error naming
+    file:line and field ("error"), or is skipped, counted and logged ("skip")."""
 
     seq_len: int = 128
     batch_size: int = 16
@@ -230,6 +232,7 @@ class DataConfig:
     overlong: Literal["truncate", "drop", "error"] = "truncate"
     on_empty: Literal["drop", "keep", "error"] = "drop"
     shuffle: bool = True
+    on_bad_record: Literal["error", "skip"] = "error"
 
     def __post_init__(self):
         _positive(self, "seq_len", "batch_size")
@@ -237,12 +240,15 @@ class DataConfig:
             raise ValueError(f"DataConfig.overlong must be truncate|drop|error, got {self.overlong!r}")
         if self.on_empty not in ("drop", "keep", "error"):
             raise ValueError(f"DataConfig.on_empty must be drop|keep|error, got {self.on_empty!r}")
+        if self.on_bad_record not in ("error", "skip"):
+            raise ValueError(f"DataConfig.on_bad_record must be error|skip, got {self.on_bad_record!r}")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class TrainConfig:
     """The host loop: accumulation, logging, evaluation and checkpoint cadence (the length is the experiment's
-    `steps`)."""
+    `steps`). `max_bad_steps`: a step with a non-finite loss or gradient is skipped (params and optimizer state
+    unchanged); this many in a row stop the run with `jaxpost.train.loop.NonFiniteError`."""
 
     grad_accum: int = 1
     log_every: int = 10
@@ -250,9 +256,10 @@ class TrainConfig:
     checkpoint_every: int = 50
     keep_checkpoints: int = 3
     async_checkpoints: bool = True
+    max_bad_steps: int = 10
 
     def __post_init__(self):
-        _positive(self, "grad_accum", "log_every", "keep_checkpoints")
+        _positive(self, "grad_accum", "log_every", "keep_checkpoints", "max_bad_steps")
         if self.checkpoint_every < 0 or self.eval_every < 0:
             raise ValueError("TrainConfig.checkpoint_every and eval_every must be >= 0 (0 disables)")
 
@@ -500,7 +507,12 @@ class AdvantageConfig:
     ddof (verl's masked_whiten: 1e-8, ddof 1; OpenRLHF uses ddof 0).
     negative_scale: multiplies the negative advantages (1: the estimator as is; 0: only better-than-baseline samples
     are reinforced, a RAFT-like positive-only update; the weighting of Zhu et al. 2025, "The Surprising
-    Effectiveness of Negative Reinforcement in LLM Reasoning", written on the negative side)."""
+    Effectiveness of Negative Reinforcement in LLM Reasoning", written on the negative side).
+    teacher_coef, teacher_gamma: on-policy distillation as a dense per-token advantage (the run holds a teacher,
+    `RLConfig.teacher_from`): teacher_coef * `jaxpost.losses.on_policy_distill_advantages(old_logp, teacher_logp,
+    gamma=teacher_gamma)` is added to the estimator's advantages: the per-token reward log p_teacher(y_t) -
+    log q_student(y_t) (Thinking Machines Lab 2025, "On-Policy Distillation"; Qwen3). 0: no teacher term. With the
+    task rewards weighted 0 it is pure on-policy distillation; with both, the teacher shapes the task's RL."""
 
     estimator: str = "grpo"
     grpo_scale: str = "group"
@@ -515,9 +527,14 @@ class AdvantageConfig:
     whiten_eps: float = 1e-8
     whiten_ddof: int = 1
     negative_scale: float = 1.0
+    teacher_coef: float = 0.0
+    teacher_gamma: float = 0.0
 
     def __post_init__(self):
         ADVANTAGE_ESTIMATORS.get(self.estimator)
+        if not (self.teacher_coef >= 0 and 0 <= self.teacher_gamma <= 1):
+            raise ValueError(f"AdvantageConfig: teacher_coef must be >= 0 and teacher_gamma in [0, 1], got "
+                             f"{self.teacher_coef}, {self.teacher_gamma}")
         if self.grpo_scale not in ("group", "batch", "none"):
             raise ValueError(f"AdvantageConfig.grpo_scale must be group|batch|none, got {self.grpo_scale!r}")
         if not (0 <= self.gamma <= 1 and 0 <= self.lam <= 1):
@@ -554,10 +571,15 @@ def check_value_mode(value: str) -> None:
         raise ValueError(f"value must be one of {VALUE_MODES}, got {value!r}")
 
 
-def check_rl(*, value: str, advantage: AdvantageConfig, loss: RLLossConfig, reference: bool) -> None:
+def check_rl(*, value: str, advantage: AdvantageConfig, loss: RLLossConfig, reference: bool,
+             teacher: bool = False) -> None:
     """The checks that span an RL run's configs: the value model mode, an estimator that needs values has a value
-    model, a KL penalty has a reference. `reference`: the run holds a reference policy."""
+    model, a KL penalty has a reference, a teacher term has a teacher and a teacher has a term. `reference` /
+    `teacher`: the run holds a reference policy / a teacher."""
     check_value_mode(value)
+    if (advantage.teacher_coef > 0) != teacher:
+        raise ValueError("advantage.teacher_coef > 0 (on-policy distillation's per-token advantage) and a teacher "
+                         "(RLConfig.teacher_from) go together: set both or neither")
     if advantage.needs_values and value == "none":
         raise ValueError(f"the {advantage.estimator} estimator needs a value model: set value='head' or 'critic'")
     if loss.kl_coef > 0 and not reference:

@@ -150,3 +150,22 @@ def test_config_checks_and_the_lab_experiment():
     assert distill.DistillConfig(method="gkd", beta=0.3).loss_kwargs() == {"beta": 0.3, "temperature": 1.0}
     assert distill.DistillConfig(method="on_policy").loss == "reverse_kl"
     assert distill.DistillConfig(method="seq_kd").loss is None
+
+
+def test_rl_recipe_with_a_teacher_distils_through_per_token_advantages(workdirs, tmp_path):
+    # On-policy distillation inside the RL recipe: the student samples, a wider teacher grades every token
+    # (advantage.teacher_coef), the task reward weighted 0; the teacher's tokenizer must be the student's.
+    from jaxpost.config import AdvantageConfig, RolloutConfig
+    from jaxpost.recipes import rl
+
+    teacher, student = workdirs
+    ro = RolloutConfig(prompts_per_step=4, group_size=4, max_new_tokens=8, max_prompt_len=16)
+    cfg = rl.RLConfig(steps=2, init_from=student, teacher_from=teacher, correctness_weight=0.0, rollout=ro,
+                      advantage=AdvantageConfig(teacher_coef=1.0), optim=OptimConfig(lr=1e-3, warmup_steps=1),
+                      mesh=MESH, train=TrainConfig(checkpoint_every=0, log_every=1),
+                      eval=dataclasses.replace(EVAL, n_examples=0))
+    rl.run(cfg, str(tmp_path / "rl"))
+    rows = [r for r in read_metrics(str(tmp_path / "rl" / "metrics.jsonl")) if "loss" in r]
+    assert len(rows) == 2 and all(np.isfinite(r["teacher_kl_k1"]) and r["adv_abs_mean"] > 0 for r in rows)
+    with pytest.raises(ValueError, match="teacher_coef"):
+        rl.RLConfig(init_from=student, teacher_from=teacher)

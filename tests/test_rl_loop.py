@@ -17,6 +17,7 @@ from jaxpost.data.prompts import build_prompt_iterator
 from jaxpost.recipes import rl, sft
 from jaxpost.config import EvalConfig
 from jaxpost.rollout import Rollout
+from jaxpost.rollout.sampler import score_logprobs
 from jaxpost.rollout.rewards import RewardSet, task_reward
 from jaxpost.tokenizers import train_tokenizer
 from jaxpost.train.loop import read_metrics
@@ -115,7 +116,7 @@ def test_prompt_iterator_resumes_exactly_and_names_bad_records(tokenizer):
 
 
 def _trainer(lm, params, tokenizer, rollout: RolloutConfig, rewards, *, mesh, loss=None, lr=3e-3, value="none",
-             advantage=None, reference=True):
+             advantage=None, reference=True, teacher=None):
     model = PolicyModel(lm, value=value)
     tx = optax.adam(lr)
     abstract = abstract_train_state(model, tx)
@@ -130,7 +131,7 @@ def _trainer(lm, params, tokenizer, rollout: RolloutConfig, rewards, *, mesh, lo
     trainer = RLTrainer(model=model, tx=tx, schedule=optax.constant_schedule(lr), mesh=mesh, state_shardings=sh,
                         tokenizer=tokenizer, rewards=rewards, rollout=rollout, loss=loss,
                         advantage=advantage or AdvantageConfig(), ref_params=params if reference else None,
-                        accuracy_key=None)
+                        accuracy_key=None, teacher=teacher)
     return trainer, state
 
 
@@ -163,6 +164,46 @@ def test_tiny_grpo_run_raises_the_reward_and_the_first_update_has_ratio_one(toke
     for key in ("reward_std", "entropy", "clip_frac", "approx_kl", "response_length", "zero_adv_group_frac",
                 "rollout_time_s", "update_time_s", "score_time_s", "reward_time_s"):
         assert np.isfinite(first[key]), key
+
+
+def test_a_teacher_adds_on_policy_distillation_advantages_per_token(tokenizer):
+    # A deeper, wider teacher grades every sampled token: the update batch's advantages are the task estimator's plus
+    # teacher_coef * (log p_teacher - log q_student) per token (teacher_gamma 0; other gammas: the reward-to-go of
+    # tests/test_distill.py), with the teacher's log-probs those of its own training forward; a teacher equal to the
+    # policy adds nothing.
+    lm, params = cached_lm(tiny_config())
+    t_lm, t_params = cached_lm(tiny_config(d_model=96, n_layers=3, mlp_dim=192))
+    mesh = mesh_of(4, 2, 1)
+    t_params = jax.device_put(t_params, t_lm.param_shardings(mesh))
+    task = make_task("arithmetic", max_digits=2)
+    batch = next(build_prompt_iterator(task.source("train"), tokenizer, batch_size=4, max_prompt_len=16, seed=3))
+    rewards = RewardSet({"digits": _digits}, timeout_s=None)
+    ro = RolloutConfig(prompts_per_step=4, group_size=4, max_new_tokens=6, max_prompt_len=16, temperature=0.7)
+    coef = 0.5
+    out = {}
+    for name, teacher, adv_cfg in (("task", None, AdvantageConfig()),
+                                   ("teacher", (t_lm, t_params), AdvantageConfig(teacher_coef=coef)),
+                                   ("self", (lm, params), AdvantageConfig(teacher_coef=coef))):
+        trainer, state = _trainer(lm, params, tokenizer, ro, rewards, mesh=mesh, advantage=adv_cfg, teacher=teacher)
+        samples = trainer.sample(state, iter([batch]))
+        scored = trainer.score(state.params, samples)
+        update = trainer.advantages(samples, scored)
+        state, step_metrics = trainer.update(state, update, samples.iteration)
+        out[name] = (scored, update, trainer.metrics(samples, scored, update, step_metrics, timings={}))
+    (_, task_b, _), (scored, teach_b, m), (_, self_b, m_self) = out["task"], out["teacher"], out["self"]
+    mask = teach_b["loss_mask"] > 0
+    want_t = np.asarray(score_logprobs(t_lm, jax.device_get(t_params), scored, temperature=0.7))
+    np.testing.assert_allclose(scored["teacher_logp"][mask], want_t[mask], atol=2e-5)
+    r = np.where(mask, scored["teacher_logp"] - scored["logp"], 0.0)
+    np.testing.assert_allclose(teach_b["advantages"] - task_b["advantages"], coef * r, atol=1e-5)
+    assert abs(m["teacher_kl_k1"] - float(np.mean(-(scored["teacher_logp"] - scored["logp"])[mask]))) < 1e-5
+    assert abs(m["teacher_kl_k1"]) > 1e-3  # a random teacher disagrees with the policy (k1 may be < 0)
+    assert abs(m_self["teacher_kl_k1"]) < 1e-5
+    np.testing.assert_allclose(self_b["advantages"], task_b["advantages"], atol=1e-5)
+    with pytest.raises(ValueError, match="teacher_coef"):
+        _trainer(lm, params, tokenizer, ro, rewards, mesh=mesh, advantage=AdvantageConfig(teacher_coef=1.0))
+    with pytest.raises(ValueError, match="teacher_coef"):
+        _trainer(lm, params, tokenizer, ro, rewards, mesh=mesh, teacher=(t_lm, t_params))
 
 
 @pytest.mark.parametrize("reference", [True, False])

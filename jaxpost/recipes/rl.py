@@ -76,12 +76,13 @@ from jaxpost.data.sources import DataError, read_jsonl
 from jaxpost.models import LM
 from jaxpost.models.heads import ScalarHeadLM
 from jaxpost.recipes import sft as sft_recipe
+from jaxpost.recipes.distill import check_same_tokenizer, load_workdir_params
 from jaxpost.recipes.common import (TRACE_KEYS, Run, eval_sampler, evaluate_before, load_params, load_start_params,
                                     open_sft_start, task_evaluator, task_results)
 from jaxpost.rollout import SamplingConfig
 from jaxpost.rollout.reward_registry import RewardSpec, accuracy_reward_name, build_reward_set, parse_rewards
 from jaxpost.rollout.rewards import REWARD_AGGREGATIONS, LearnedReward, RewardSet
-from jaxpost.tokenizers import decode_completion
+from jaxpost.tokenizers import decode_completion, load_tokenizer
 from jaxpost.train.loop import read_metrics
 from jaxpost.train.optim import make_optimizer
 from jaxpost.train.rl import PolicyModel
@@ -127,11 +128,15 @@ class RLConfig:
     train: TrainConfig = dataclasses.field(default_factory=lambda: TrainConfig(log_every=5, checkpoint_every=10))
     eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
     logprobs_impl: str = "auto"
+    # on-policy distillation as a dense per-token advantage: a teacher workdir (any recipe's; the policy's tokenizer),
+    # weighted by advantage.teacher_coef (the task rewards may be weighted 0: pure distillation)
+    teacher_from: str = ""
 
     def __post_init__(self):
         if self.steps <= 0:
             raise ValueError(f"RLConfig.steps must be > 0, got {self.steps}")
-        check_rl(value=self.value, advantage=self.advantage, loss=self.loss, reference=self.reference)
+        check_rl(value=self.value, advantage=self.advantage, loss=self.loss, reference=self.reference,
+                 teacher=bool(self.teacher_from))
         if self.reward_aggregation not in REWARD_AGGREGATIONS:
             raise ValueError(f"RLConfig.reward_aggregation must be one of {REWARD_AGGREGATIONS}, got "
                              f"{self.reward_aggregation!r}")
@@ -330,11 +335,17 @@ def run(cfg: RLConfig, workdir: str, *, stop_at: int | None = None) -> dict | No
     if cfg.reward_model:
         rm_model, rm_params = load_reward_model(cfg.reward_model, sft_cfg.model, mesh)
         learned = LearnedReward(rm_model, rm_params, mesh, rows=ro.rows_per_update)
+    teacher = None
+    if cfg.teacher_from:
+        check_same_tokenizer(tokenizer, load_tokenizer(cfg.teacher_from), student_from=sft_dir,
+                             teacher_from=cfg.teacher_from)
+        teacher = load_workdir_params(cfg.teacher_from, mesh)
     trainer = RLTrainer(model=model, tx=tx, schedule=schedule, mesh=mesh, state_shardings=shardings,
                         tokenizer=tokenizer, rewards=rewards, rollout=ro, loss=cfg.loss, advantage=cfg.advantage,
                         ref_params=ref_params, base_reference=cfg.reference and lm.lora is not None,
                         learned_reward=learned, learned_reward_weight=cfg.reward_model_weight,
-                        accuracy_key=accuracy_key, grad_accum=cfg.train.grad_accum, logprobs_impl=cfg.logprobs_impl)
+                        accuracy_key=accuracy_key, grad_accum=cfg.train.grad_accum, logprobs_impl=cfg.logprobs_impl,
+                        teacher=teacher)
 
     # Held-out evaluation: eval_jsonl (greedy, the function rewards summed), else the task's test split when the
     # prompts are the task's, else none.

@@ -223,6 +223,29 @@ def make_rl_scorer(model: PolicyModel, mesh, param_shardings, *, rows: int, temp
     return run
 
 
+def make_teacher_scorer(teacher_lm, mesh, teacher_shardings, *, rows: int, temperature: float = 1.0,
+                        logprobs_impl: str = "auto"):
+    """A jitted forward-only pass of a teacher decoder (any width and depth, the policy's tokenizer) over `rows`
+    rows [rows, T] of a rollout batch: `score(teacher_params, batch) -> teacher log-probs` float32 [rows, T] of the
+    sampled tokens at `temperature` (the rollout's, as the policy's old log-probs): on-policy distillation's dense
+    per-token reward `jaxpost.losses.on_policy_distill_advantages` reads them."""
+    in_sh = {k: rows_sharding(mesh, rows, 2, rows_axis=0) for k in ROW_KEYS}
+
+    def f(tparams, b):
+        h_BTD = teacher_lm.hidden(tparams, b["inputs"], b["positions"], b["segment_ids"])
+        return teacher_lm.token_logprobs(tparams, h_BTD, b["targets"], temperature=temperature,
+                                         impl=logprobs_impl).logp.astype(jnp.float32)
+
+    jitted = jax.jit(f, in_shardings=(teacher_shardings, in_sh), out_shardings=rows_sharding(mesh, rows, 2,
+                                                                                                rows_axis=0))
+
+    def run(teacher_params, batch):
+        with jax.set_mesh(mesh):
+            return jitted(teacher_params, {k: batch[k] for k in ROW_KEYS})
+
+    return run
+
+
 # ---------------------------------------------------------------------------------------------------- advantages
 
 

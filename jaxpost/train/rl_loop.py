@@ -9,10 +9,10 @@
    only groups whose rewards differ and draws more prompt batches from the source until the batch is full or
    `max_sampling_rounds` is reached (the rest is padding rows, masked out everywhere);
 2. score (`RLTrainer.score`): one forward-only pass gives the old policy's log-probs and entropy, the reference's
-   log-probs and the value model's values (with `old_logp="sampler"` the old log-probs are the sampler's own, and
-   the pass runs only for a reference or a value model, or not at all);
-3. advantages (`RLTrainer.advantages`) over the whole batch (`jaxpost.train.rl.compute_advantages`): the update
-   batch;
+   log-probs, the value model's values and a teacher's log-probs (with `old_logp="sampler"` the old log-probs are
+   the sampler's own, and the pass runs only for a reference, a value model or a teacher, or not at all);
+3. advantages (`RLTrainer.advantages`) over the whole batch (`jaxpost.train.rl.compute_advantages`), plus, with a
+   teacher, on-policy distillation's dense per-token advantage (`AdvantageConfig.teacher_coef`): the update batch;
 4. update (`RLTrainer.update`): `ppo_epochs` passes over the rows, shuffled and split into `minibatches` optimizer
    steps of the one step builder (`jaxpost.train.step.make_step` with the `PolicyGradient` objective);
 5. metrics (`RLTrainer.metrics`): host floats of the iteration (reported on the first sampling round: an unbiased
@@ -38,11 +38,12 @@ import numpy as np
 
 from jaxpost.batch import ROW_KEYS, split_microbatches
 from jaxpost.config import AdvantageConfig, RLLossConfig, RolloutConfig, check_rl
-from jaxpost.losses import dynamic_sampling_keep, overlong_penalty, rollout_correction
+from jaxpost.losses import dynamic_sampling_keep, on_policy_distill_advantages, overlong_penalty, rollout_correction
 from jaxpost.models.lm import LM
 from jaxpost.rollout import Rollout, Sampler, SamplingConfig, rollout_batch
 from jaxpost.tokenizers import decode_completion
-from jaxpost.train.rl import PolicyGradient, PolicyModel, batch_keys, compute_advantages, make_rl_scorer
+from jaxpost.train.rl import (PolicyGradient, PolicyModel, batch_keys, compute_advantages, make_rl_scorer,
+                              make_teacher_scorer)
 from jaxpost.train.step import make_step
 
 log = logging.getLogger("jaxpost")
@@ -125,16 +126,19 @@ class RLTrainer:
     accuracy_key: the reward function whose mean is reported as `accuracy` (a 0/1 verifier);
     ref_params: the reference decoder params (sharded like the policy's) for a KL term or the `kl_ref` metric; for a
     LoRA policy, pass none and set `base_reference=True`: the reference is the base model (adapters disabled).
+    teacher: optional (teacher LM, its params sharded by `teacher_lm.param_shardings(mesh)`): a decoder of any size
+    with the policy's tokenizer, whose log-probs of the sampled tokens give the dense per-token advantage
+    `advantage.teacher_coef * on_policy_distill_advantages(old_logp, teacher_logp, gamma=advantage.teacher_gamma)`.
     """
 
     def __init__(self, *, model: PolicyModel, tx, schedule, mesh, state_shardings, tokenizer, rewards,
                  rollout: RolloutConfig, loss: RLLossConfig, advantage: AdvantageConfig, ref_params=None,
                  learned_reward=None, learned_reward_weight: float = 1.0, accuracy_key: str | None = None,
-                 grad_accum: int = 1, logprobs_impl: str = "auto", base_reference: bool = False):
+                 grad_accum: int = 1, logprobs_impl: str = "auto", base_reference: bool = False, teacher=None):
         if base_reference and (getattr(model.lm, "lora", None) is None or ref_params is not None):
             raise ValueError("base_reference=True needs a LoRA policy and no ref_params")
         with_ref = ref_params is not None or base_reference
-        check_rl(value=model.value, advantage=advantage, loss=loss, reference=with_ref)
+        check_rl(value=model.value, advantage=advantage, loss=loss, reference=with_ref, teacher=teacher is not None)
         if loss.aggregation == "seq_mean_token_sum_norm" and not loss.max_length:
             loss = dataclasses.replace(loss, max_length=rollout.max_new_tokens)
         self.model, self.mesh, self.tokenizer, self.rewards = model, mesh, tokenizer, rewards
@@ -160,6 +164,12 @@ class RLTrainer:
             self.scorer = make_rl_scorer(model, mesh, state_shardings.params, rows=rollout.rows_per_update,
                                          temperature=rollout.temperature, with_ref=with_ref,
                                          policy=self.trainer_logp, logprobs_impl=logprobs_impl)
+        self.teacher, self.teacher_scorer = teacher, None
+        if teacher is not None:
+            self.teacher_scorer = make_teacher_scorer(teacher[0], mesh, teacher[0].param_shardings(mesh),
+                                                      rows=rollout.rows_per_update, temperature=rollout.temperature,
+                                                      logprobs_impl=logprobs_impl)
+        self._teacher_adv = jax.jit(on_policy_distill_advantages, static_argnames=("gamma",))
         self._advantages = jax.jit(compute_advantages,
                                    static_argnames=("cfg", "group_size", "kl_coef", "kl_estimator"))
         self._correction = jax.jit(functools.partial(
@@ -250,7 +260,7 @@ class RLTrainer:
     # -- 2. score -------------------------------------------------------------------------------------------------
     def score(self, params, samples: Samples) -> dict:
         """The batch's rows (`rollout_batch`: ROW_KEYS, sample_logp, ...) and the scoring pass's arrays [rows, T]:
-        `logp` (the old policy's), `entropy`, `ref_logp`, `values`, as the configuration asks."""
+        `logp` (the old policy's), `entropy`, `ref_logp`, `values`, `teacher_logp`, as the configuration asks."""
         rows = self._rows(samples.rollout)
         scored = {}
         n = self.rollout_cfg.rows_per_update
@@ -258,6 +268,11 @@ class RLTrainer:
             out = self.scorer(params, self.ref_params, {k: rows[k][start:start + n] for k in ROW_KEYS})
             for k, v in jax.device_get(out).items():
                 scored.setdefault(k, []).append(np.asarray(v))
+        if self.teacher is not None:
+            tparams = self.teacher[1]
+            scored["teacher_logp"] = [
+                np.asarray(jax.device_get(self.teacher_scorer(tparams, {k: rows[k][s:s + n] for k in ROW_KEYS})))
+                for s in range(0, self.rollout_cfg.rows, n)]
         scored = {k: np.concatenate(v) for k, v in scored.items()}
         if not self.trainer_logp:
             scored["logp"] = rows["sample_logp"].astype(np.float32)
@@ -274,8 +289,12 @@ class RLTrainer:
             samples.rewards, mask, samples.row_mask, scored["logp"], scored.get("ref_logp", scored["logp"]),
             scored.get("values", np.zeros_like(mask)), cfg=self.adv_cfg, group_size=self.rollout_cfg.group_size,
             kl_coef=kl_coef, kl_estimator=lc.kl_estimator)
+        adv = np.asarray(adv)
+        if self.teacher is not None:  # on-policy distillation: the teacher grades every sampled token
+            adv = adv + self.adv_cfg.teacher_coef * np.asarray(self._teacher_adv(
+                scored["logp"], scored["teacher_logp"], mask, gamma=self.adv_cfg.teacher_gamma))
         batch = {**{k: scored[k] for k in ROW_KEYS}, "loss_mask": mask.astype(np.float32), "old_logp": scored["logp"],
-                 "advantages": np.asarray(adv)}
+                 "advantages": adv}
         if lc.kl_in_loss:
             batch["ref_logp"] = scored["ref_logp"]
         if self.trainer_logp:  # the sampler / trainer mismatch, measured always, corrected when configured
@@ -311,6 +330,7 @@ class RLTrainer:
         m_tok = batch["loss_mask"] > 0
         adv = batch["advantages"]
         out = {k: float(np.mean([float(sm[k]) for sm in step_metrics])) for k in step_metrics[0]}
+        out["skipped"] = float(sum(float(sm["skipped"]) for sm in step_metrics))  # updates skipped (non-finite)
         out["first_update_ratio"] = float(step_metrics[0]["ratio"])
         out.update({f"correction/{k}": v for k, v in batch.get("correction", {}).items()})
         out["first_update_clip_frac"] = float(step_metrics[0].get("clip_frac", 0.0))
@@ -334,6 +354,8 @@ class RLTrainer:
             out[f"reward/{name}"] = float(np.mean(v))
         if self.accuracy_key is not None:
             out["accuracy"] = float(np.mean(first.info["per_function"][self.accuracy_key]))
+        if "teacher_logp" in scored and m_tok.any():  # the sampled estimate of the per-token reverse KL
+            out["teacher_kl_k1"] = float(np.mean((scored["logp"] - scored["teacher_logp"])[m_tok]))
         if "ref_logp" in scored and m_tok.any():
             log_r = scored["ref_logp"] - scored["logp"]
             out["kl_ref_k1"] = float(np.mean(-log_r[m_tok]))
