@@ -16,6 +16,10 @@ same mixed-strategy data with the teacher's tokenizer.
     python -m experiments.distill_reason --workdir runs/distill_reason_seq --config.method=seq_kd \\
         --config.teacher_temperature=0
     python -m experiments.distill_reason --workdir runs/distill_reason_kd --config.method=logit_kd
+    # on-policy distillation inside the RL recipe: the teacher's per-token log-ratio as a dense advantage (alone, or
+    # added to GRPO's task advantage without --config.correctness_weight=0)
+    python -m experiments.grpo_reason --workdir runs/rl_teacher --config.init_from=runs/sft_reason_quarter \\
+        --config.teacher_from=runs/grpo_reason --config.advantage.teacher_coef=1 --config.correctness_weight=0
 
 `teacher_from` and `init_from` default to the workdirs above (`--config.teacher_from=...` to change them).
 Figures (every method against GRPO from the student's start, at equal wall time): docs/benchmarks.md, "Distillation

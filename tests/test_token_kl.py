@@ -1,5 +1,6 @@
 """token_kl / token_kl_topk (jaxpost/ops/kl.py): each kind against its definition in float64 numpy (values, and
-gradients by central differences), by hand, against TRL 1.16's GKD loss, and on an 8-device mesh."""
+gradients by central differences), by hand, against TRL 1.16's GKD loss, and on an 8-device mesh (the chunked path,
+and the Pallas kernels' vocab-parallel shard_map in interpret mode)."""
 
 import math
 import warnings
@@ -14,6 +15,7 @@ from jaxpost.config import MeshConfig
 from jaxpost.ops import KINDS, default_kl_impl, token_kl, token_kl_topk
 from jaxpost.ops.kl import _plan
 from jaxpost.sharding import make_mesh
+from tests.helpers import mesh_of
 
 CASES = [("forward", 0.5, 1.0), ("reverse", 0.5, 0.7), ("jsd", 0.5, 1.0), ("jsd", 0.2, 0.7), ("jsd", 0.9, 1.0)]
 MASK_25 = np.array([[1, 1, 1, 0, 0], [1, 1, 1, 1, 0]], np.float32)  # ragged: 3 and 4 tokens of 5
@@ -228,8 +230,9 @@ def test_jsd_equals_trl_generalized_jsd_loss(beta):
 @pytest.mark.parametrize("mesh_shape,V,budget", [((2, 4, 1), 37, 2048), ((2, 4, 1), 37, None), ((1, 2, 4), 40, 2048)])
 def test_sharded_8_device_mesh_equals_single_device(mesh_shape, V, budget):
     """Tokens over (data, fsdp), D of both unembeddings over fsdp and V over tensor; jitted values and gradients of
-    the jsd and the top-k variant equal the unsharded computation. (A tensor-split vocabulary is not handled natively
-    yet: the backward pass then uses token chunks; XLA keeps V split, this checks only that the values are right.)"""
+    the jsd and the top-k variant equal the unsharded computation. (The chunked path does not handle a tensor-split
+    vocabulary natively: its backward pass then uses token chunks; XLA keeps V split, this checks only that the values
+    are right. The Pallas path's vocab-parallel shard_map is tested below.)"""
     hs, ws, ht, wt = _inputs(9, B=8, T=6, V=V)
     ct = jax.random.normal(jax.random.PRNGKey(12), (8, 6))
     ids = jnp.argsort(-(ht @ wt), axis=-1)[..., :5]
@@ -251,6 +254,41 @@ def test_sharded_8_device_mesh_equals_single_device(mesh_shape, V, budget):
         got = run(*(jax.device_put(x, s) for x, s in ((hs, tokens), (ws, embed), (ht, tokens), (wt, embed),
                                                        (ids, tokens), (lp, tokens))))
     assert got[0].sharding.is_equivalent_to(tokens, 2)  # the per-token output stays split over the tokens
+    for a, b in zip(got, want):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=2e-5, rtol=2e-5)
+
+
+@pytest.mark.parametrize("mesh_shape,impl,kind,vocab_major", [((8, 1, 1), "pallas_tpu", "reverse", False),
+                                                               ((2, 2, 2), "pallas_gpu", "jsd", False),
+                                                               ((1, 1, 8), "pallas_tpu", "jsd", True)])
+def test_pallas_vocab_parallel_mesh_equals_single_device(mesh_shape, impl, kind, vocab_major):
+    """The Pallas path under a mesh (interpret mode): a shard_map with 16 tokens over (data, fsdp) and V = 96 over
+    tensor (12 per shard at tensor = 8: ragged against every kernel block), the five stats (and jsd's two sums)
+    combined across the vocabulary shards. Values and gradients of a random cotangent equal the same kernels on one
+    device; the student's W (D over fsdp, V over tensor, or [V, D] as stored) keeps its sharding in its gradient."""
+    hs, ws, ht, wt = _inputs(14, B=8, T=2, V=96)
+    if vocab_major:
+        ws, wt = ws.T, wt.T
+    ct = jax.random.normal(jax.random.PRNGKey(16), (8, 2))
+    kw = dict(kind=kind, beta=0.3, temperature=0.8, impl=impl, student_vocab_major=vocab_major,
+              teacher_vocab_major=vocab_major)
+
+    def run(hs, ws, ht, wt):
+        def f(hs, ws):
+            div = token_kl(hs, ws, ht, wt, **kw)
+            return jnp.sum(ct * div), div
+        (_, div), grads = jax.jit(jax.value_and_grad(f, argnums=(0, 1), has_aux=True))(hs, ws)
+        return [div, *grads]
+
+    want = run(hs, ws, ht, wt)
+    mesh = mesh_of(*mesh_shape)
+    tokens = jax.NamedSharding(mesh, jax.P(("data", "fsdp")))
+    embed = jax.NamedSharding(mesh, jax.P("tensor", "fsdp") if vocab_major else jax.P("fsdp", "tensor"))
+    with jax.set_mesh(mesh):
+        args = [jax.device_put(x, s) for x, s in ((hs, tokens), (ws, embed), (ht, tokens), (wt, embed))]
+        jaxpr = str(jax.make_jaxpr(lambda *a: token_kl(*a, **kw))(*args))
+        got = run(*args)
+    assert "shard_map" in jaxpr and "pallas_call" in jaxpr  # the kernels, not the chunked fallback
     for a, b in zip(got, want):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=2e-5, rtol=2e-5)
 

@@ -135,22 +135,27 @@ def _fused_bwd(spec, res, cts):
 fused_logprobs.defvjp(_fused_fwd, _fused_bwd)
 
 
+def mesh_axes(N: int, V: int):
+    """(mesh, token axes, vocabulary axes) of a vocab-parallel shard_map under the current mesh: tokens over the batch
+    axes and the vocabulary over the vocab axis where they divide; (None, (), ()) without a mesh of several devices."""
+    from jaxpost.sharding import ACTIVATION_RULES, PARAM_RULES, logical_to_spec
+
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or mesh.size == 1:
+        return None, (), ()
+
+    def axes(entry):
+        return () if entry is None else ((entry,) if isinstance(entry, str) else tuple(entry))
+
+    return (mesh, axes(logical_to_spec(("batch",), ACTIVATION_RULES, mesh, (N,))[0]),
+            axes(logical_to_spec(("vocab",), PARAM_RULES, mesh, (V,))[0]))
+
+
 def make_spec(kernel: str, *, N: int, V: int, temperature: float, entropy: bool, vocab_major: bool,
               chunk_budget_bytes: int | None) -> FusedSpec:
     """The spec for the current backend and mesh: interpret mode on CPU; shard_map when a mesh with more than one
     device is set, tokens over the batch axes and the vocabulary over the vocab axis where they divide."""
-    from jaxpost.sharding import ACTIVATION_RULES, PARAM_RULES, logical_to_spec
-
-    interpret = jax.default_backend() == "cpu"
-    mesh = jax.sharding.get_abstract_mesh()
-    token_axes = vocab_axes = ()
-    if not mesh.empty and mesh.size > 1:
-        def axes(entry):
-            return () if entry is None else ((entry,) if isinstance(entry, str) else tuple(entry))
-        token_axes = axes(logical_to_spec(("batch",), ACTIVATION_RULES, mesh, (N,))[0])
-        vocab_axes = axes(logical_to_spec(("vocab",), PARAM_RULES, mesh, (V,))[0])
-    else:
-        mesh = None
+    mesh, token_axes, vocab_axes = mesh_axes(N, V)
     return FusedSpec(kernel=kernel, inv_temp=1.0 / temperature, entropy=entropy, vocab_major=vocab_major,
-                     interpret=interpret, mesh=mesh, token_axes=token_axes, vocab_axes=vocab_axes,
-                     chunk_budget_bytes=chunk_budget_bytes)
+                     interpret=jax.default_backend() == "cpu", mesh=mesh, token_axes=token_axes,
+                     vocab_axes=vocab_axes, chunk_budget_bytes=chunk_budget_bytes)

@@ -13,17 +13,18 @@ either model outlives its chunk. It dispatches to
 - "naive": both full [N, V] logits and autodiff, the reference for tests and benchmarks;
 - the Pallas kernels ("pallas_tpu", "pallas_gpu"; kernels/fused_kl, wrapped in jaxpost/ops/fused_kl.py): both
   models' logit tiles live only in on-chip memory, with an online log-sum-exp of each and one online moment over
-  vocabulary blocks. Kinds "forward" and "reverse"; "jsd" (whose mixture needs both complete log-sum-exps before the
-  first block is summed) and any call under a multi-device mesh run the chunked path instead (see `_token_kl_pallas`).
+  vocabulary blocks. "jsd" (whose mixture needs both complete log-sum-exps before the first block is summed) takes a
+  second pass over the vocabulary given them. Under a multi-device mesh a shard_map splits the tokens over
+  (data, fsdp) and the vocabulary over `tensor`, with a cross-device combine of the per-token stats.
 "auto" picks the Pallas kernel on TPU and NVIDIA GPU, "chunked" elsewhere (`default_kl_impl`).
 `token_kl_topk` is the sparse variant: forward KL against the teacher's renormalised top-k.
 
-Under a mesh (`jax.set_mesh`) tokens may be split over (data, fsdp): XLA's partitioner splits each chunk's matmuls
-like any other (tested: 8 emulated devices give the single-device values and gradients). A vocabulary split over
-`tensor` is not handled natively yet: the backward pass then scans token chunks (slicing a sharded vocabulary would
-gather it, as in the log-prob core), and inside each chunk the partitioner keeps V split and reduces the per-token
-stats across devices (no all-gather of W in the compiled CPU program at the tested shapes; values tested equal). A
-vocab-parallel shard_map like jaxpost/ops/fused.py's is the later step.
+Under a mesh (`jax.set_mesh`) the chunked path lets XLA's partitioner split each chunk's matmuls over the token axes
+(data, fsdp) like any other (tested: 8 emulated devices give the single-device values and gradients). A vocabulary
+split over `tensor` is not handled natively by the chunked path: its backward pass then scans token chunks (slicing a
+sharded vocabulary would gather it, as in the log-prob core), and inside each chunk the partitioner keeps V split and
+reduces the per-token stats across devices (no all-gather of W in the compiled CPU program at the tested shapes;
+values tested equal). The Pallas path is vocab-parallel by construction (jaxpost/ops/fused_kl.py's shard_map).
 """
 
 from __future__ import annotations
@@ -225,23 +226,17 @@ def _token_kl_chunked(hs_BTD, ws_DV, ht_BTD, wt_DV, *, temperature, kind, beta, 
 
 
 def _token_kl_pallas(kernel, hs_BTD, ws_DV, ht_BTD, wt_DV, *, temperature, kind, beta, budget, vocab_major):
-    """The fused kernels on the flattened tokens. Falls back to the chunked path (same values and gradients) for
-    kind "jsd" (no one-pass kernel: see kernels/fused_kl/common.py) and under a mesh of more than one device (a
-    `pallas_call` has no partitioning rule: XLA would gather the token-sharded inputs onto every device; a shard_map
-    as in jaxpost/ops/fused.py is the later step)."""
+    """The fused kernels on the flattened tokens, every kind; under a mesh of more than one device, inside a shard_map
+    (tokens over the batch axes, the vocabulary over the vocab axis: jaxpost/ops/fused_kl.py)."""
     from jaxpost.ops import fused_kl
 
-    mesh = jax.sharding.get_abstract_mesh()
-    if kind == "jsd" or (not mesh.empty and mesh.size > 1):
-        return _token_kl_chunked(hs_BTD, ws_DV, ht_BTD, wt_DV, temperature=temperature, kind=kind, beta=beta,
-                                 budget=budget, vocab_major=vocab_major)
     svm, tvm = vocab_major
     # Back to the stored layout: transpose(transpose(W)) should fold to W in XLA, so that the kernel reads the [V, D]
     # table in place (not yet checked in a compiled TPU / GPU program).
     ws, wt = (ws_DV.T if svm else ws_DV), (wt_DV.T if tvm else wt_DV)
-    spec = fused_kl.make_spec(kernel, kind=kind, temperature=temperature, student_vocab_major=svm,
-                              teacher_vocab_major=tvm, chunk_budget_bytes=budget)
     B, T = hs_BTD.shape[:2]
+    spec = fused_kl.make_spec(kernel, N=B * T, V=ws_DV.shape[1], kind=kind, beta=beta, temperature=temperature,
+                              student_vocab_major=svm, teacher_vocab_major=tvm, chunk_budget_bytes=budget)
     return fused_kl.fused_token_kl(_flat(hs_BTD), ws, _flat(ht_BTD), wt, spec).reshape(B, T)
 
 
@@ -335,7 +330,8 @@ def token_kl(
       "pallas_tpu"  the Mosaic TPU kernels of kernels/fused_kl/tpu.py (interpret mode on CPU);
       "pallas_gpu"  the Pallas GPU kernels of kernels/fused_kl/gpu.py (interpret mode on CPU); `chunk_budget_bytes`
                     bounds its backward's [N, chunk] dz tile;
-                    both Pallas impls run "jsd", and any call under a multi-device mesh, on the chunked path;
+                    both Pallas impls run every kind, and under a multi-device mesh shard tokens over (data, fsdp)
+                    and the vocabulary over `tensor` (jaxpost/ops/fused_kl.py);
       "chunked"     pure XLA custom VJP over token / vocabulary chunks whose float32 [chunk x V] temporaries (both
                     models together) stay within `chunk_budget_bytes` (default 64 MiB);
       "naive"       both full [N, V] logits: the reference, for tests and benchmarks only.

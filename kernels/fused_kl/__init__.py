@@ -2,5 +2,5 @@
 (Pallas GPU, Triton lowering).
 
 `jaxpost.ops.token_kl(impl="pallas_tpu" | "pallas_gpu")` is the public entry; jaxpost/ops/fused_kl.py adds the
-custom VJP around the kernels.
+custom VJP around the kernels and, under a mesh, the vocab-parallel shard_map.
 """

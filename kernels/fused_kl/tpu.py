@@ -5,7 +5,8 @@ The structure of kernels/fused_logprobs/tpu.py (whose tiling helpers it reuses),
 Forward (`partial_stats`): grid (token blocks, vocabulary blocks), vocabulary innermost and sequential ("arbitrary").
 Each step computes the student's [bn, bv] tile h_s @ W_s[:, blk] and the teacher's h_t @ W_t[:, blk] in VMEM, folds
 both into the five online stats of `common.block_update` (VMEM scratch across vocabulary blocks) and writes them at
-the last block. No logit reaches HBM.
+the last block. No logit reaches HBM. The JSD's second pass (`jsd_sums`) has the same grid and recomputes both tiles,
+given the log-sum-exps of the first, into its two plain sums (`common.jsd_block_sums`): 4 N V D in its forward.
 
 Backward (`grads`): flash-attention style, two kernels that each recompute both tiles once. `dh`: grid (token blocks,
 vocabulary blocks) accumulating dz @ W_s[:, blk]^T into a [bn, D_s] float32 scratch; `dw`: grid (vocabulary blocks,
@@ -36,7 +37,7 @@ from kernels.fused_logprobs.tpu import (
     block_sizes,
 )
 
-__all__ = ["block_sizes", "grads", "partial_stats"]
+__all__ = ["block_sizes", "grads", "jsd_sums", "partial_stats"]
 
 
 def _w_spec(D, bv, vocab_major, order):
@@ -109,11 +110,63 @@ def partial_stats(hs_ND, ws, ht_ND, wt, *, kind: str, inv_temp: float = 1.0, stu
     return tuple(o[:, 0] for o in outs)
 
 
-def _tile_dz(j, vecs, hs, ws, ht, wt, *, inv_temp, svm, tvm, kind, V, bv):
+def _jsd_kernel(lse_s_ref, lse_t_ref, hs_ref, ws_ref, ht_ref, wt_ref, kl_pm_ref, kl_qm_ref, pm_sc, qm_sc, *,
+                inv_temp, svm, tvm, beta, V, bv, n_vblocks):
+    j = pl.program_id(1)
+
+    @pl.when(j == 0)
+    def _init():
+        pm_sc[...] = jnp.zeros(pm_sc.shape, jnp.float32)
+        qm_sc[...] = jnp.zeros(qm_sc.shape, jnp.float32)
+
+    zs = _logit_tile(hs_ref[...], ws_ref[...], inv_temp, svm)
+    zt = _logit_tile(ht_ref[...], wt_ref[...], inv_temp, tvm)
+    valid = (_cols(j, bv, zs.shape) < V) if V % bv else None
+    pm, qm = common.jsd_block_sums(zs, zt, lse_s_ref[...], lse_t_ref[...], beta=beta, valid=valid)
+    pm_sc[...] += pm
+    qm_sc[...] += qm
+
+    @pl.when(j == n_vblocks - 1)
+    def _write():
+        kl_pm_ref[...] = pm_sc[...]
+        kl_qm_ref[...] = qm_sc[...]
+
+
+def jsd_sums(hs_ND, ws, ht_ND, wt, lse_s_N, lse_t_N, *, beta: float, inv_temp: float = 1.0,
+             student_vocab_major: bool = False, teacher_vocab_major: bool = False, block_n: int | None = None,
+             block_v: int | None = None, interpret: bool = False):
+    """The JSD's second pass: (sum_v p (lp - lm), sum_v q (lq - lm)), each float32 [N], over all columns of ws / wt,
+    given both models' log-sum-exps over the whole vocabulary (see `common`)."""
+    (N, Ds), Dt = hs_ND.shape, ht_ND.shape[1]
+    V = _vocab(ws, student_vocab_major)
+    bn, bv = block_sizes(N, V, block_n, block_v)
+    grid = (pl.cdiv(N, bn), pl.cdiv(V, bv))
+    kernel = functools.partial(_jsd_kernel, inv_temp=inv_temp, svm=student_vocab_major, tvm=teacher_vocab_major,
+                               beta=beta, V=V, bv=bv, n_vblocks=grid[1])
+    isz = lambda x: jnp.dtype(x.dtype).itemsize
+    limit = _vmem_limit(2 * bn * (Ds * isz(hs_ND) + Dt * isz(ht_ND)), 2 * bv * (Ds * isz(ws) + Dt * isz(wt)),
+                        8 * bn * bv * 4)
+    vecs = [x.astype(jnp.float32)[:, None] for x in (lse_s_N, lse_t_N)]
+    outs = pl.pallas_call(
+        kernel,
+        grid=grid,
+        in_specs=[_vec_spec(bn, "nv")] * 2 + [_h_spec(bn, Ds, "nv"), _w_spec(Ds, bv, student_vocab_major, "nv"),
+                                              _h_spec(bn, Dt, "nv"), _w_spec(Dt, bv, teacher_vocab_major, "nv")],
+        out_specs=[_vec_spec(bn, "nv")] * 2,
+        out_shape=[jax.ShapeDtypeStruct((N, 1), jnp.float32)] * 2,
+        scratch_shapes=[pltpu.VMEM((bn, 1), jnp.float32)] * 2,
+        compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "arbitrary"), vmem_limit_bytes=limit),
+        interpret=interpret,
+        name="fused_kl_jsd",
+    )(*vecs, hs_ND, ws, ht_ND, wt)
+    return tuple(o[:, 0] for o in outs)
+
+
+def _tile_dz(j, vecs, hs, ws, ht, wt, *, inv_temp, svm, tvm, kind, beta, V, bv):
     zs = _logit_tile(hs, ws, inv_temp, svm)
     zt = _logit_tile(ht, wt, inv_temp, tvm)
     valid = (_cols(j, bv, zs.shape) < V) if V % bv else None
-    return common.dlogits(zs, zt, *(v[...] for v in vecs), kind=kind, inv_temp=inv_temp, valid=valid)
+    return common.dlogits(zs, zt, *(v[...] for v in vecs), kind=kind, inv_temp=inv_temp, beta=beta, valid=valid)
 
 
 def _dh_kernel(lse_s, lse_t, mom, g, hs_ref, ws_ref, ht_ref, wt_ref, dh_ref, acc, *, n_vblocks, **kw):
@@ -159,10 +212,11 @@ def _dw_kernel(lse_s, lse_t, mom, g, hs_ref, ws_ref, ht_ref, wt_ref, dw_ref, acc
 
 
 def grads(hs_ND, ws, ht_ND, wt, lse_s_N, lse_t_N, moment_N, g_N, *, kind: str, inv_temp: float = 1.0,
-          student_vocab_major: bool = False, teacher_vocab_major: bool = False, dh_dtype=None, dw_dtype=None,
-          block_n: int | None = None, block_v: int | None = None, interpret: bool = False):
-    """(dh_s [N, D_s], dw_s shaped like ws) of sum_n g_n div_n; lse_s, lse_t, moment are the forward's stats."""
-    common.weights_student(kind)
+          beta: float = 0.5, student_vocab_major: bool = False, teacher_vocab_major: bool = False, dh_dtype=None,
+          dw_dtype=None, block_n: int | None = None, block_v: int | None = None, interpret: bool = False):
+    """(dh_s [N, D_s], dw_s shaped like ws) of sum_n g_n div_n; lse_s, lse_t, moment are the forward's stats (global
+    over vocabulary shards); `beta` is used by kind "jsd" only."""
+    common.check_kind(kind)
     (N, Ds), Dt = hs_ND.shape, ht_ND.shape[1]
     V = _vocab(ws, student_vocab_major)
     bn, bv = block_sizes(N, V, block_n, block_v)
@@ -171,7 +225,8 @@ def grads(hs_ND, ws, ht_ND, wt, lse_s_N, lse_t_N, moment_N, g_N, *, kind: str, i
     isz = lambda x: jnp.dtype(x.dtype).itemsize
     limit = _vmem_limit(2 * bn * (Ds * isz(hs_ND) + Dt * isz(ht_ND)), 2 * bv * (Ds * isz(ws) + Dt * isz(wt)),
                         bn * Ds * 4, Ds * bv * 4, 8 * bn * bv * 4)
-    statics = dict(inv_temp=inv_temp, svm=student_vocab_major, tvm=teacher_vocab_major, kind=kind, V=V, bv=bv)
+    statics = dict(inv_temp=inv_temp, svm=student_vocab_major, tvm=teacher_vocab_major, kind=kind, beta=beta, V=V,
+                   bv=bv)
     params = pltpu.CompilerParams(dimension_semantics=("parallel", "arbitrary"), vmem_limit_bytes=limit)
 
     def in_specs(order):
