@@ -7,7 +7,8 @@ order (an upward import). Reads the source with `ast` (no module is imported), f
 Layers, lowest first: a module may import its own layer and the layers below it. `config` holds the configs (it
 reads the loss registries to validate names); `sharding`, `batch` and `checkpoint` are the array plumbing every
 higher layer uses; `tokenizers`, `ops` and `models` know nothing of data or training; `data` and `rollout` feed
-`train`; `recipes` compose everything into jobs; `cli` parses configs for the experiments.
+`train`; `inference` (test-time search) runs the sampler's model; `recipes` compose everything into jobs; `cli`
+parses configs for the experiments.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("models",),
     ("data",),
     ("rollout",),
+    ("inference",),
     ("train",),
     ("recipes",),
 )
