@@ -83,7 +83,7 @@ SELECTIONS: dict[str, Callable] = {
 
 def sample_and_select(sampler: Sampler, params, prompts, cfg: SamplingConfig, *, method: str = "best_of_n",
                       scorer: Scorer | None = None, answer_fn: Callable[[np.ndarray], Hashable | None] | None = None,
-                      delimiter_id: int | None = None, agg: str = "last", seed: int = 0, tokenizer=None
+                      delimiter_id: int | Sequence[int] | None = None, agg: str = "last", seed: int = 0, tokenizer=None
                       ) -> SearchResult:
     """Samples N = cfg.n_samples completions of every prompt in one `Sampler.generate` call and picks one per prompt:
 
@@ -236,16 +236,17 @@ def beam_search(decoder: Decoder, params, prompts, *, width: int, max_new_tokens
 
 
 def step_search(decoder: Decoder, params, prompts, scorer: Scorer, *, method: str = "beam", n: int = 16,
-                m: int = 4, delimiter_id: int, end_ids: Sequence[int] = (), max_steps: int = 16,
+                m: int = 4, delimiter_id: int | Sequence[int], end_ids: Sequence[int] = (), max_steps: int = 16,
                 max_step_tokens: int = 32, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
                 agg: str = "last", seed: int = 0, tokenizer=None) -> SearchResult:
     """Search over reasoning steps guided by a step scorer (a PRM): search-and-learn (Beeching et al. 2024; Snell et
     al. 2024, "Scaling LLM Test-Time Compute Optimally").
 
-    A step is sampled up to and including `delimiter_id` (or an end id, or `max_step_tokens`, which ends the
-    candidate: it has no delimiter to continue from). Every round, every live candidate samples one step (all
-    candidates of all prompts in one compiled call), the scorer scores the new prefixes and `agg` aggregates the
-    step scores ("last": the newest step's score, search-and-learn's choice). Then:
+    A step is sampled up to and including a delimiter (`delimiter_id`: one id or several; or an end id, or
+    `max_step_tokens`, which ends the candidate: it has no delimiter to continue from). Every round, every live
+    candidate samples one step (all candidates of all prompts in one compiled call), the scorer scores the new
+    prefixes and `agg` aggregates the step scores ("last": the newest step's score, search-and-learn's choice).
+    Then:
 
         beam   n candidates per prompt; those that finished go to the prompt's pool; the n / m best live ones
                survive and each is forked m times (fewer survivors are repeated in turn to refill n rows).
@@ -263,6 +264,7 @@ def step_search(decoder: Decoder, params, prompts, scorer: Scorer, *, method: st
     prompts = _prompts(prompts)
     P = len(prompts)
     cfg = decoder.lm.cfg
+    delims = tuple(int(t) for t in np.asarray(delimiter_id).reshape(-1))
     state = decoder.prefill(params, prompts, max_new_tokens=max_steps * max_step_tokens + 1)
     R = decoder.rows_bucket(P * n)
     parents = np.concatenate([np.repeat(np.arange(P), n), np.zeros(R - P * n, np.int64)])
@@ -284,7 +286,7 @@ def step_search(decoder: Decoder, params, prompts, scorer: Scorer, *, method: st
         len_R = np.asarray(state.len_R)
         state, ext = decoder.extend_until(params, state, jax.random.fold_in(base_key, it), max_tokens=max_step_tokens,
                                           temperature=temperature, top_k=top_k, top_p=top_p,
-                                          stop_ids=(delimiter_id,), end_ids=end_ids, active_R=live)
+                                          stop_ids=delims, end_ids=end_ids, active_R=live)
         ext = jax.device_get(ext)
         finished_R = np.asarray(state.finished_R)
         rows = np.nonzero(live)[0]

@@ -125,11 +125,12 @@ def majority_vote(answers_PN: Sequence[Sequence[Hashable | None]]) -> tuple[list
     return weighted_majority(answers_PN, [np.ones(len(a)) for a in answers_PN])
 
 
-def split_steps(tokens: Sequence[int], delimiter_id: int) -> list[np.ndarray]:
-    """The steps of a completion: maximal runs of tokens each ending with `delimiter_id` (kept), the last run
-    possibly without it (an unfinished or final step). An empty completion has no steps."""
+def split_steps(tokens: Sequence[int], delimiter_id: int | Sequence[int]) -> list[np.ndarray]:
+    """The steps of a completion: maximal runs of tokens each ending with a delimiter (`delimiter_id`: one id or
+    several, e.g. every piece holding a newline; kept), the last run possibly without one (an unfinished or final
+    step). An empty completion has no steps."""
     tokens = np.asarray(tokens, np.int32).reshape(-1)
-    ends = list(np.nonzero(tokens == delimiter_id)[0] + 1)
+    ends = list(np.nonzero(np.isin(tokens, np.asarray(delimiter_id, np.int32).reshape(-1)))[0] + 1)
     if not ends or ends[-1] != len(tokens):
         ends.append(len(tokens))
     starts = [0] + ends[:-1]
