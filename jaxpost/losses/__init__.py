@@ -105,6 +105,7 @@ from jaxpost.losses.policy import (
     token_mean,
     value_loss,
 )
+from jaxpost.losses.prm import PROCESS_REWARD_LOSSES, get_process_reward_loss, step_bce
 from jaxpost.losses.reward import REWARD_LOSSES, bradley_terry, get_reward_loss
 from jaxpost.losses.sft import sft_nll
 
@@ -121,6 +122,7 @@ __all__ = [
     "UNPAIRED_LOSSES", "get_unpaired_loss", "kto", "apo_zero_unpaired", "kto_kl_sums", "kto_kl_baseline",
     # reward models
     "REWARD_LOSSES", "get_reward_loss", "bradley_terry",
+    "PROCESS_REWARD_LOSSES", "get_process_reward_loss", "step_bce",
     # policy-gradient RL: advantages, reward shaping
     "ADVANTAGE_ESTIMATORS", "SEQUENCE_LEVEL_ESTIMATORS", "TOKEN_LEVEL_ESTIMATORS", "get_advantage_estimator",
     "grpo", "dr_grpo", "rloo", "reinforce_returns", "reinforce_pp", "gae", "masked_whiten", "broadcast_to_tokens",
