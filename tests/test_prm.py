@@ -262,3 +262,28 @@ def test_recipe_end_to_end_writes_the_step_auc_and_resumes(tmp_path):
     assert [len(s) for s in scores] == [3, 2] and all(((s > 0) & (s < 1)).all() for s in scores)
     with pytest.raises(ValueError, match="label"):
         prm.PRMConfig(label="best")
+
+
+def test_gold_step_labels_follow_the_task_solution():
+    # a step is right while the solution so far is a prefix of the task's own trace (or direct answer)
+    from jaxpost.data import make_task
+    from jaxpost.tokenizers import train_tokenizer
+
+    task = make_task("reasoning_arith", min_digits=1, max_digits=2)
+    tokenizer = train_tokenizer(task.corpus(200), vocab_size=64)
+    prompt = "What is 99 + 45?"
+    n = len(tokenizer.encode_chat([{"role": "user", "content": prompt}], add_generation_prompt=True)[0])
+
+    def record(completion):
+        ids, _ = tokenizer.encode_prompt_completion(prompt, completion)
+        delims = prm.delimiter_ids(tokenizer)
+        ends = [n + e for e in step_ends(ids[n:], lambda t: t in delims)]
+        return {"prompt": prompt, "tokens": ids, "ends": ends}
+
+    gold = task.trace_completion((99, "+", 45))
+    assert gold == "99+45\n9+5+0=14 4\n9+4+1=14 44\n0+0+1=01 144\nAnswer: 144"
+    assert prm.gold_step_labels(record(gold), task=task, tokenizer=tokenizer) == [1.0] * 5
+    wrong = "99+45\n9+5+0=13 3\n9+4+1=14 43\n0+0+1=01 143\nAnswer: 143"
+    assert prm.gold_step_labels(record(wrong), task=task, tokenizer=tokenizer) == [1.0, 0.0, 0.0, 0.0, 0.0]
+    assert prm.gold_step_labels(record("Answer: 144"), task=task, tokenizer=tokenizer) == [1.0]
+    assert prm.gold_step_labels(record("Answer: 145"), task=task, tokenizer=tokenizer) == [0.0]

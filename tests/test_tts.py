@@ -1,8 +1,7 @@
 """The test-time scaling recipe: the sampling methods' curves against hand-worked candidates (nested subsets, ties,
-missing answers), and a tiny end-to-end run (an SFT policy, a PRM and an ORM of a few steps) that writes every curve
+missing answers), and a tiny end-to-end run (an SFT policy and a reward model of a few steps) that writes every curve
 the lab's figures read and, rerun, measures nothing twice."""
 
-import dataclasses
 import json
 import os
 
@@ -53,10 +52,9 @@ def test_recipe_end_to_end_writes_every_curve_and_reruns_nothing(tmp_path):
                            sample_batch=8, n_eval_problems=0, n_auc_problems=2, max_prompt_len=16, max_new_tokens=16,
                            data=DataConfig(seq_len=48, batch_size=8), optim=OptimConfig(lr=1e-3, warmup_steps=0),
                            mesh=MESH, train=TrainConfig(checkpoint_every=0, log_every=1))
-    prm.run(rm_cfg, str(tmp_path / "prm"))
-    prm.run(dataclasses.replace(rm_cfg, label="outcome"), str(tmp_path / "orm"))
+    prm.run(rm_cfg, str(tmp_path / "prm"))  # serves as the ORM too (its value at the last token)
     cfg = tts.TTSConfig(policy_from=sft_dir, large_from=sft_dir, prm_from=str(tmp_path / "prm"),
-                        orm_from=str(tmp_path / "orm"), n_problems=3, max_n=4, sample_batch=2, n_search_problems=2,
+                        orm_from=str(tmp_path / "prm"), n_problems=3, max_n=4, sample_batch=2, n_search_problems=2,
                         beam_widths=(1, 2), search_ns=(2,), search_m=2, max_steps=3, max_step_tokens=6, budgets=(4,),
                         max_new_tokens=16, score_rows=8)
     work = str(tmp_path / "tts")

@@ -26,8 +26,10 @@ A trained PRM is used through `load_prm(workdir)` and `StepScorer` (steps of pro
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import random
+import re
 import time
 
 import jax
@@ -51,8 +53,10 @@ from jaxpost.train.step import make_step
 
 log = logging.getLogger("jaxpost")
 
-#: What a step is labelled with: Math-Shepherd's hard or soft label, or only the final step by correctness (ORM).
-LABELS = ("hard", "soft", "outcome")
+#: What a step is labelled with: Math-Shepherd's hard or soft label, only the final step by correctness (ORM), or
+#: the step's true correctness ("gold": its text is a prefix of the task's own worked or direct answer; a diagnostic
+#: that needs the task's solver, where Math-Shepherd needs only a checker).
+LABELS = ("hard", "soft", "outcome", "gold")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -382,6 +386,9 @@ def run(cfg: PRMConfig, workdir: str, *, stop_at: int | None = None) -> dict | N
         return label_records(cfg, policy, policy_params, tokenizer, task, mesh)
 
     records = cached_records(run.path("prm_labels.jsonl"), make, what="Math-Shepherd labels")
+    if cfg.label == "gold":
+        gold_of = functools.partial(gold_step_labels, task=task, tokenizer=tokenizer)
+        records = [{**r, "gold": gold_of(r)} for r in records]
     train_records = [r for r in records if r["split"] == "train"]
     eval_records = [r for r in records if r["split"] == "test"]
     items = training_items(train_records, cfg.label)
@@ -438,6 +445,27 @@ def run(cfg: PRMConfig, workdir: str, *, stop_at: int | None = None) -> dict | N
     return run.finish(results, plots=("loss", "step_accuracy", "mean_score", "eval_prm_step_auc",
                                       "eval_prm_first_error_auc", "eval_prm_paired_accuracy", "eval_mc_step_accuracy"),
                       filename="prm.png", title=f"Process reward model ({cfg.label} Math-Shepherd labels)")
+
+
+def _problem_of(prompt: str) -> tuple:
+    """The problem of a reasoning-lab prompt ("What is 27 - 384 + 599?" -> (27, "-", 384, "+", 599))."""
+    parts = re.findall(r"\d+|[+-]", prompt.split("What is", 1)[-1])
+    return tuple(int(x) if x.isdigit() else x for x in parts)
+
+
+def gold_step_labels(record: dict, *, task, tokenizer: ChatTokenizer) -> list[float]:
+    """The true correctness of each step of a labelled record: 1 while the completion up to the step's end is a
+    prefix of the task's worked trace or direct answer for the record's problem (every later step of a solution that
+    went wrong is 0), for a task that writes its own solutions (`trace_completion`, `direct_completion`)."""
+    problem = _problem_of(record["prompt"])
+    golds = (task.trace_completion(problem), task.direct_completion(problem))
+    n = len(tokenizer.encode_chat([{"role": "user", "content": record["prompt"]}], add_generation_prompt=True)[0])
+    stops = set(tokenizer.stop_ids)
+    out = []
+    for end in record["ends"]:
+        text = tokenizer.decode([t for t in record["tokens"][n:end + 1] if t not in stops])
+        out.append(float(any(g.startswith(text) for g in golds)))
+    return out
 
 
 def label_stats(records: list[dict]) -> dict:
