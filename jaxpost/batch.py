@@ -71,7 +71,24 @@ def microbatch_shardings(mesh, layout: Mapping[str, tuple[int, int]], units_per_
     return {k: rows_sharding(mesh, per_unit * units_per_micro, ndim) for k, (per_unit, ndim) in layout.items()}
 
 
-def device_put_batch(batch: Mapping[str, np.ndarray], shardings: Mapping) -> dict:
+def device_put_batch(batch: Mapping[str, np.ndarray], shardings: Mapping, *, rows_axis: int = 1) -> dict:
     """Host arrays of this process -> global jax.Arrays laid out by `shardings` (one code path for one or many
-    processes: each process passes its own slice of the global batch)."""
-    return {k: jax.make_array_from_process_local_data(shardings[k], np.asarray(batch[k])) for k in shardings}
+    processes: each process passes its own slice of the global batch, `rows_axis` the axis of its rows)."""
+    out = {k: jax.make_array_from_process_local_data(shardings[k], np.asarray(batch[k])) for k in shardings}
+    n = jax.process_count()
+    for k, v in out.items():
+        if n > 1 and v.shape[rows_axis] != np.shape(batch[k])[rows_axis] * n:
+            raise ValueError(f"batch array {k!r}: the global batch must split over the data-parallel devices of the "
+                             f"{n} processes (its sharding {shardings[k].spec} keeps it whole on every process)")
+    return out
+
+
+def process_rows(x: jax.Array) -> np.ndarray:
+    """This process's rows (axis 0) of a global array laid out by rows, on the host: the inverse of
+    `device_put_batch` (with rows_axis=0); the whole array in a one-process run."""
+    if x.is_fully_addressable:
+        return np.asarray(x)
+    shards = {}
+    for s in x.addressable_shards:
+        shards.setdefault(s.index[0].start or 0, s.data)
+    return np.concatenate([np.asarray(shards[k]) for k in sorted(shards)])

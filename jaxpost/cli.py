@@ -15,7 +15,7 @@ import os
 import sys
 import types
 import typing
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from absl import app, flags, logging
@@ -78,6 +78,30 @@ def write_config(cfg: Any, workdir: str) -> str:
     return path
 
 
+def initialize_distributed(environ: Mapping[str, str] = os.environ) -> bool:
+    """`jax.distributed.initialize` when the environment asks for several processes (before JAX starts a backend);
+    returns whether it did. One process per host (or per local process group of `tools/launch_local.py`):
+
+      JAXPOST_COORDINATOR=host0:1234 JAXPOST_NUM_PROCESSES=N JAXPOST_PROCESS_ID=i   explicit (multi-GPU hosts, CPU)
+      JAXPOST_DISTRIBUTED=1 (or JAX_COORDINATOR_ADDRESS set)   jax's auto-detection (Cloud TPU, SLURM, Open MPI, k8s)
+    """
+    import jax
+
+    coordinator = environ.get("JAXPOST_COORDINATOR")
+    if coordinator:
+        missing = [k for k in ("JAXPOST_NUM_PROCESSES", "JAXPOST_PROCESS_ID") if not environ.get(k)]
+        if missing:
+            raise ValueError(f"JAXPOST_COORDINATOR={coordinator} needs {' and '.join(missing)} as well")
+        jax.distributed.initialize(coordinator_address=coordinator,
+                                   num_processes=int(environ["JAXPOST_NUM_PROCESSES"]),
+                                   process_id=int(environ["JAXPOST_PROCESS_ID"]))
+        return True
+    if environ.get("JAX_COORDINATOR_ADDRESS") or environ.get("JAXPOST_DISTRIBUTED") == "1":
+        jax.distributed.initialize()
+        return True
+    return False
+
+
 def run(main: Callable[[Any, str], Any], default_config: Any, *, default_workdir: str) -> None:
     """Parses `--workdir` and `--config.*` overrides, then calls `main(config, workdir)`."""
     flags.DEFINE_string("workdir", default_workdir, "Directory for config.json, metrics.jsonl, checkpoints, plots.")
@@ -89,9 +113,7 @@ def run(main: Callable[[Any, str], Any], default_config: Any, *, default_workdir
         if len(argv) > 1:
             raise app.UsageError(f"unexpected arguments: {argv[1:]}")
         cfg = from_config_dict(type(default_config), holder.value)
-        if os.environ.get("JAX_COORDINATOR_ADDRESS") or os.environ.get("JAXPOST_DISTRIBUTED") == "1":
-            import jax
-            jax.distributed.initialize()  # multi-host: one process per host, cluster settings from the environment
+        initialize_distributed()
         workdir = flags.FLAGS.workdir
         os.makedirs(workdir, exist_ok=True)
         main(cfg, workdir)

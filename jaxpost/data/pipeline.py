@@ -36,7 +36,7 @@ import jax
 import numpy as np
 
 from jaxpost.batch import ROW_KEYS
-from jaxpost.data.sources import DataError, normalize_record
+from jaxpost.data.sources import DataError, encode_checked, location, normalize_record
 from jaxpost.tokenizers import ChatTokenizer, Tokenizer
 
 __all__ = ["STATS_KEYS", "SFTIterator", "build_prompt_batches", "build_sft_iterator"]
@@ -81,18 +81,19 @@ class _TokenizeExample:
         try:
             record = normalize_record(self._source[index])
         except DataError as e:
-            raise DataError(f"example {index}: {e}") from None
+            raise DataError(f"{location(self._source, index)}: {e}") from None
         messages = record["messages"]
         num_assistant = sum(m["role"] == "assistant" for m in messages)
         if num_assistant == 0:
             return {"status": "dropped_no_assistant", "index": index}
 
-        ids, mask = self._tokenizer.encode_chat(messages)
+        ids, mask = encode_checked(self._tokenizer, messages, where=lambda: location(self._source, index))
         # Every assistant turn contributes its content tokens plus one closing eos to the mask.
         if sum(mask) == num_assistant:
             if self._on_empty == "error":
                 raise DataError(
-                    f"example {index}: the assistant turns are empty (no completion tokens); on_empty='error'"
+                    f"{location(self._source, index)}: the assistant turns are empty (no completion tokens); "
+                    "on_empty='error'"
                 )
             if self._on_empty == "drop":
                 return {"status": "dropped_empty", "index": index}
@@ -105,7 +106,7 @@ class _TokenizeExample:
         if num_positions > self._seq_len:
             if self._overlong == "error":
                 raise DataError(
-                    f"example {index}: {len(ids)} tokens give {num_positions} training positions > "
+                    f"{location(self._source, index)}: {len(ids)} tokens give {num_positions} training positions > "
                     f"seq_len={self._seq_len}; overlong='error' (use 'truncate' or 'drop', or raise seq_len)"
                 )
             if self._overlong == "drop":
@@ -475,11 +476,12 @@ def build_prompt_batches(
         try:
             messages, answer = _prompt_messages_and_answer(example)
         except DataError as e:
-            raise DataError(f"example {index}: {e}") from None
-        ids, _ = tokenizer.encode_chat(messages, add_generation_prompt=True)
+            raise DataError(f"{location(examples, index)}: {e}") from None
+        ids, _ = encode_checked(tokenizer, messages, add_generation_prompt=True,
+                                where=lambda: location(examples, index))
         if len(ids) > max_prompt_len:
             raise DataError(
-                f"example {index}: prompt has {len(ids)} tokens > max_prompt_len={max_prompt_len}; "
+                f"{location(examples, index)}: prompt has {len(ids)} tokens > max_prompt_len={max_prompt_len}; "
                 "raise max_prompt_len or shorten the prompt"
             )
         encoded.append((index, ids, answer))

@@ -61,7 +61,8 @@ import numpy as np
 
 from jaxpost.data.pipeline import (_KEEP, _KEEP_TRUNCATED, SFTIterator, _check_batching, _FilterAndCountIterDataset,
                                    _empty_rows)
-from jaxpost.data.sources import DataError, FunctionSource, _json_type_name, read_jsonl
+from jaxpost.data.sources import (DataError, FunctionSource, _json_type_name, check_role_order, encode_checked,
+                                  location, read_jsonl)
 from jaxpost.data.tasks import DEFAULT_SOURCE_LENGTH, Task
 from jaxpost.tokenizers import ChatTokenizer, Tokenizer, validate_messages
 
@@ -149,6 +150,7 @@ def normalize_preference_record(record: Any) -> dict[str, Any]:
         out["prompt"] = _as_messages(record["prompt"], "prompt", "user")
         out["chosen"] = _completion_messages(record["chosen"], "chosen")
         out["rejected"] = _completion_messages(record["rejected"], "rejected")
+        _check_order(out, ("chosen", "rejected"))
         return out
     prompt, out["chosen"] = _split_conversation(record["chosen"], "chosen")
     prompt_r, out["rejected"] = _split_conversation(record["rejected"], "rejected")
@@ -159,7 +161,14 @@ def normalize_preference_record(record: Any) -> dict[str, Any]:
             "conversations without a 'prompt' field must share everything but their last assistant turn"
         )
     out["prompt"] = prompt
+    _check_order(out, ("chosen", "rejected"))
     return out
+
+
+def _check_order(record: dict, fields: Sequence[str]) -> None:
+    """The prompt followed by each completion is a well-ordered conversation (`check_role_order`)."""
+    for field in fields:
+        check_role_order(record["prompt"] + record[field], field=f"prompt + {field}")
 
 
 def normalize_kto_record(record: Any) -> dict[str, Any]:
@@ -175,30 +184,33 @@ def normalize_kto_record(record: Any) -> dict[str, Any]:
     out["prompt"] = _as_messages(record["prompt"], "prompt", "user")
     out["completion"] = _completion_messages(record["completion"], "completion")
     out["label"] = bool(label)
+    _check_order(out, ("completion",))
     return out
 
 
-def read_preference_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
+def read_preference_jsonl(path: str | os.PathLike, *, on_bad: str = "error") -> list[dict[str, Any]]:
     """Reads paired records (see `normalize_preference_record`); blank lines are skipped.
 
     Raises:
-      DataError: for the first malformed line, with a message starting `f"{path}:{lineno}: "` (1-based).
+      DataError: for the first malformed line, with a message starting `f"{path}:{lineno}: "` (1-based); with
+        `on_bad="skip"` malformed lines are skipped and counted instead (`jaxpost.data.read_jsonl`).
     """
-    return read_jsonl(path, normalize_preference_record)
+    return read_jsonl(path, normalize_preference_record, on_bad=on_bad)
 
 
-def read_kto_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
+def read_kto_jsonl(path: str | os.PathLike, *, on_bad: str = "error") -> list[dict[str, Any]]:
     """Reads unpaired KTO records (see `normalize_kto_record`); errors as `read_preference_jsonl`."""
-    return read_jsonl(path, normalize_kto_record)
+    return read_jsonl(path, normalize_kto_record, on_bad=on_bad)
 
 
 # ------------------------------------------------------------------------------------------------ tokenize stage
 
 
-def _encode(tokenizer: Tokenizer, prompt: Messages, completion: Messages) -> tuple[np.ndarray, np.ndarray]:
+def _encode(tokenizer: Tokenizer, prompt: Messages, completion: Messages, where=lambda: "a record"
+            ) -> tuple[np.ndarray, np.ndarray]:
     """Completion ids and mask: `encode_chat(prompt + completion)` past the prompt and its generation prompt."""
-    prompt_ids, _ = tokenizer.encode_chat(prompt, add_generation_prompt=True)
-    ids, mask = tokenizer.encode_chat(prompt + completion)
+    prompt_ids, _ = encode_checked(tokenizer, prompt, add_generation_prompt=True, where=where)
+    ids, mask = encode_checked(tokenizer, prompt + completion, where=where)
     n = len(prompt_ids)
     if ids[:n] != prompt_ids:
         raise AssertionError("encode_chat(prompt + completion) does not start with the encoded prompt")
@@ -247,15 +259,18 @@ class _TokenizeExample:
         try:
             record = self._normalize(self._source[index])
         except DataError as e:
-            raise DataError(f"example {index}: {e}") from None
-        prompt_P = np.asarray(self._tokenizer.encode_chat(record["prompt"], add_generation_prompt=True)[0], np.int32)
-        completions = [_encode(self._tokenizer, record["prompt"], record[f]) for f in self._fields]
+            raise DataError(f"{location(self._source, index)}: {e}") from None
+        where = lambda: location(self._source, index)  # noqa: E731
+        prompt_P = np.asarray(encode_checked(self._tokenizer, record["prompt"], add_generation_prompt=True,
+                                             where=where)[0], np.int32)
+        completions = [_encode(self._tokenizer, record["prompt"], record[f], where=where) for f in self._fields]
         status = _KEEP
         total = prompt_P.shape[0] + max(ids.shape[0] for ids, _ in completions)
         if total > self._max_tokens:
             if self._overlong == "error":
                 raise DataError(
-                    f"example {index}: prompt + longest completion is {total} tokens, {total - 1} training positions "
+                    f"{location(self._source, index)}: prompt + longest completion is {total} tokens, {total - 1} "
+                    "training positions "
                     f"> seq_len={self._max_tokens - 1}; overlong='error' (use 'truncate' or 'drop', or raise seq_len)"
                 )
             if self._overlong == "drop":

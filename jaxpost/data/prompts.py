@@ -24,7 +24,7 @@ from typing import Any
 import grain
 import numpy as np
 
-from jaxpost.data.sources import DataError
+from jaxpost.data.sources import DataError, check_role_order, encode_checked, location
 from jaxpost.tokenizers import Tokenizer, validate_messages
 
 __all__ = ["Prompt", "PromptIterator", "build_prompt_iterator", "prompt_messages"]
@@ -59,6 +59,7 @@ def prompt_messages(record: Any) -> tuple[list[dict[str, Any]], dict[str, Any]]:
             validate_messages(messages)
         except ValueError as e:
             raise DataError(str(e)) from None
+        check_role_order(messages)
         messages = [dict(m) for m in messages]
         if messages[-1]["role"] == "assistant":
             extra.setdefault("reference", messages[-1]["content"])
@@ -82,10 +83,12 @@ class _EncodePrompt:
         try:
             messages, extra = prompt_messages(self._source[index])
         except DataError as e:
-            raise DataError(f"prompt {index}: {e}") from None
-        ids, _ = self._tokenizer.encode_chat(messages, add_generation_prompt=True)
+            raise DataError(f"{location(self._source, index, 'prompt')}: {e}") from None
+        ids, _ = encode_checked(self._tokenizer, messages, add_generation_prompt=True,
+                                where=lambda: location(self._source, index, "prompt"))
         if len(ids) > self._max:
-            raise DataError(f"prompt {index}: {len(ids)} tokens > max_prompt_len={self._max}; raise max_prompt_len")
+            raise DataError(f"{location(self._source, index, 'prompt')}: {len(ids)} tokens > "
+                            f"max_prompt_len={self._max}; raise max_prompt_len")
         text = next(m["content"] for m in reversed(messages) if m["role"] == "user") if any(
             m["role"] == "user" for m in messages) else messages[-1]["content"]
         return Prompt(index=index, ids=np.asarray(ids, np.int32), text=text, example=extra)

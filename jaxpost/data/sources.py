@@ -6,24 +6,86 @@ Two record formats are accepted everywhere in jaxpost's data code:
     {"prompt": str, "completion": str, ...extra keys}
 
 `normalize_record` turns either into the `{"messages": [...]}` form (extra keys kept); a prompt/completion pair becomes
-one user turn answered by one assistant turn. Anything that is indexable and has a length (a list, `ListSource`,
-`FunctionSource`, a task's `source(split)`) can be fed to `grain.MapDataset.source` and to the SFT pipeline.
+one user turn answered by one assistant turn. A conversation is an optional first system message, then user and
+assistant turns alternating from a user turn (`check_role_order`).
+
+Hostile files (docs/reliability.md): `read_jsonl` reads bytes and decodes each line itself, so bad UTF-8, bad JSON,
+a line over `max_line_bytes`, numbers too long or nesting too deep for Python's JSON reader and malformed records
+all raise `DataError` starting `path:line: ` and naming the field, or, with `on_bad="skip"`
+(`DataConfig.on_bad_record`), are skipped, counted (`Records.skipped`) and logged. The returned `Records` remember
+each record's line, so the pipelines' later errors (an overlong example, a tokenizer failing) name `path:line` too.
+
+Anything that is indexable and has a length (a list, `ListSource`, `FunctionSource`, a task's `source(split)`) can be
+fed to `grain.MapDataset.source` and to the SFT pipeline.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from jaxpost.tokenizers import validate_messages
 
-__all__ = ["DataError", "FunctionSource", "ListSource", "normalize_record", "read_jsonl"]
+__all__ = ["DataError", "FunctionSource", "ListSource", "Records", "check_role_order", "location",
+           "normalize_record", "read_jsonl"]
+
+log = logging.getLogger("jaxpost")
+
+#: The longest JSONL line `read_jsonl` reads by default (bytes, newline excluded).
+MAX_LINE_BYTES = 16 << 20
+_BAD_POLICIES = ("error", "skip")
 
 
 class DataError(ValueError):
     """A malformed record or a data-pipeline policy violation; the message says where (file:line or example index)."""
+
+
+class Records(list):
+    """The records `read_jsonl` returns (a list) and where they came from: `location(i)` is `"path:line"` of record
+    `i`; `skipped` lists `(path:line, reason)` of the lines skipped as malformed (`on_bad="skip"`)."""
+
+    def __init__(self, records=(), *, path: str = "", lines: Sequence[int] = (),
+                 skipped: Sequence[tuple[str, str]] = ()):
+        super().__init__(records)
+        self.path, self.lines, self.skipped = path, list(lines), list(skipped)
+
+    def location(self, index: int) -> str:
+        return f"{self.path}:{self.lines[index]}"
+
+
+def location(source: Any, index: int, what: str = "example") -> str:
+    """Where record `index` of `source` came from: `"path:line (example i)"` for `Records`, else `"example i"`."""
+    if isinstance(source, Records) and 0 <= index < len(source.lines):
+        return f"{source.location(index)} ({what} {index})"
+    return f"{what} {index}"
+
+
+def encode_checked(tokenizer, messages, *, where: Callable[[], str], add_generation_prompt: bool = False):
+    """`tokenizer.encode_chat(messages, ...)`, any failure of the tokenizer (a chat template raising, a piece it cannot
+    encode) re-raised as DataError naming the record (`where()`), with the original as its cause."""
+    try:
+        return tokenizer.encode_chat(messages, add_generation_prompt=add_generation_prompt)
+    except Exception as e:  # noqa: BLE001 - whatever the tokenizer raises, the record is named
+        raise DataError(f"{where()}: the tokenizer failed on this record: {type(e).__name__}: {e}") from e
+
+
+def check_role_order(messages: Sequence[Mapping[str, Any]], field: str = "messages") -> None:
+    """An optional system message first, then user and assistant turns alternating, starting with a user turn.
+    Raises DataError naming the message (`messages[2].role: two 'user' turns in a row ...`)."""
+    previous = None
+    for i, message in enumerate(messages):
+        role = message["role"]
+        if role == "system" and i:
+            raise DataError(f"{field}[{i}].role: a 'system' message may only come first")
+        if role != "system" and previous in (None, "system") and role != "user":
+            raise DataError(f"{field}[{i}].role: the first turn (after an optional system message) must be 'user', "
+                            f"got {role!r}")
+        if role == previous:
+            raise DataError(f"{field}[{i}].role: two {role!r} turns in a row; user and assistant turns must alternate")
+        previous = role
 
 
 def normalize_record(record: Any) -> dict[str, Any]:
@@ -49,6 +111,7 @@ def normalize_record(record: Any) -> dict[str, Any]:
             validate_messages(messages)
         except ValueError as e:
             raise DataError(str(e)) from None
+        check_role_order(messages)
         out = dict(record)
         out["messages"] = [dict(m) for m in messages]
         return out
@@ -70,32 +133,66 @@ def normalize_record(record: Any) -> dict[str, Any]:
     return out
 
 
-def read_jsonl(path: str | os.PathLike, normalize: Callable[[Any], dict[str, Any]] | None = None
-               ) -> list[dict[str, Any]]:
+def read_jsonl(path: str | os.PathLike, normalize: Callable[[Any], dict[str, Any]] | None = None, *,
+               on_bad: str = "error", max_line_bytes: int = MAX_LINE_BYTES) -> Records:
     """Reads a JSONL file of chat or prompt/completion records, normalised to `{"messages": [...]}` form.
 
-    Blank lines are skipped. Every other line must be one JSON object in one of the two formats (see
+    Blank lines are skipped. Every other line must be one UTF-8 JSON object in one of the two formats (see
     `normalize_record`); extra keys are kept. `normalize` replaces `normalize_record` for other record kinds
-    (preference pairs, KTO examples: `jaxpost.data.preference`).
+    (preference pairs, KTO examples: `jaxpost.data.preference`). Returns `Records` (a list that knows each record's
+    line).
 
     Raises:
-      DataError: for the first malformed line, with a message starting `f"{path}:{lineno}: "` (1-based).
+      DataError: for the first malformed line (not UTF-8, not JSON, longer than `max_line_bytes`, or a record
+        `normalize` refuses), with a message starting `f"{path}:{lineno}: "` (1-based) and naming the field. With
+        `on_bad="skip"` such lines are skipped instead, counted in `Records.skipped` and logged.
     """
+    if on_bad not in _BAD_POLICIES:
+        raise ValueError(f"on_bad must be one of {_BAD_POLICIES}, got {on_bad!r}")
     path_str = os.fspath(path)
-    records = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
+    normalize = normalize or normalize_record
+    records, lines, skipped = [], [], []
+
+    def bad(lineno: int, reason: str) -> None:
+        if on_bad == "error":
+            raise DataError(f"{path_str}:{lineno}: {reason}")
+        skipped.append((f"{path_str}:{lineno}", reason))
+
+    with open(path, "rb") as f:
+        lineno = 0
+        while raw := f.readline(max_line_bytes + 1):
+            lineno += 1
+            if len(raw) > max_line_bytes and not raw.endswith(b"\n"):
+                while raw and not raw.endswith(b"\n"):  # the rest of the line, read in bounded pieces
+                    raw = f.readline(1 << 20)
+                bad(lineno, f"line longer than max_line_bytes={max_line_bytes}")
                 continue
             try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path_str}:{lineno}: invalid JSON: {e.msg} (column {e.colno})") from None
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                bad(lineno, f"not valid UTF-8: byte {e.start} is {raw[e.start:e.start + 1]!r}")
+                continue
+            if not text.strip():
+                continue
             try:
-                records.append((normalize or normalize_record)(obj))
+                obj = json.loads(text)
+            except json.JSONDecodeError as e:
+                bad(lineno, f"invalid JSON: {e.msg} (column {e.colno})")
+                continue
+            except (ValueError, RecursionError) as e:  # a number too long for int(), nesting too deep
+                bad(lineno, f"invalid JSON: {type(e).__name__}: {str(e)[:200]}")
+                continue
+            try:
+                record = normalize(obj)
             except DataError as e:
-                raise DataError(f"{path_str}:{lineno}: {e}") from None
-    return records
+                bad(lineno, str(e))
+                continue
+            records.append(record)
+            lines.append(lineno)
+    if skipped:
+        log.warning("%s: skipped %d malformed line(s) (on_bad_record='skip'), e.g. %s", path_str, len(skipped),
+                    "; ".join(f"{where}: {why}" for where, why in skipped[:3]))
+    return Records(records, path=path_str, lines=lines, skipped=skipped)
 
 
 class ListSource:

@@ -395,10 +395,21 @@ def _read_json(path: str) -> Any:
         raise HFFormatError(f"{path}: not valid JSON ({e})") from e
 
 
+@contextlib.contextmanager
+def _open_safetensors(fpath: str):
+    """`safe_open(fpath)` (numpy; no pickle anywhere), a truncated or garbled file an HFFormatError naming it."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        handle = safe_open(fpath, framework="numpy")
+    except (SafetensorError, OSError) as e:
+        raise HFFormatError(f"{fpath}: not a readable safetensors file ({e})") from e
+    with handle as f:
+        yield f
+
+
 def _weight_map(path: str) -> dict[str, str]:
     """Tensor name -> file name (relative to `path`) of a model directory, validated against the files."""
-    from safetensors import safe_open
-
     index_path, single = os.path.join(path, INDEX), os.path.join(path, SAFETENSORS)
     if os.path.exists(index_path):
         index = _read_json(index_path)
@@ -413,7 +424,7 @@ def _weight_map(path: str) -> dict[str, str]:
                 raise HFFormatError(f"{index_path}: weight_map names {fname}, which does not exist in {path}")
         for fname in sorted(set(wm.values())):
             fpath = os.path.join(path, fname)
-            with safe_open(fpath, framework="numpy") as f:
+            with _open_safetensors(fpath) as f:
                 keys = set(f.keys())
             listed = {k for k, v in wm.items() if v == fname}
             if listed - keys:
@@ -424,7 +435,7 @@ def _weight_map(path: str) -> dict[str, str]:
                                     f"there")
         return dict(wm)
     if os.path.exists(single):
-        with safe_open(single, framework="numpy") as f:
+        with _open_safetensors(single) as f:
             return {k: SAFETENSORS for k in f.keys()}
     other = [f for f in ("pytorch_model.bin", "pytorch_model.bin.index.json") if os.path.exists(os.path.join(path, f))]
     hint = f" ({other[0]} is not supported: convert it to safetensors)" if other else ""
@@ -472,8 +483,6 @@ def from_pretrained(path: str | os.PathLike, *, mesh=None, dtype: str = "float32
     memory-mapped safetensors files; without, on the first device. Missing, unexpected or misshapen tensors raise
     `HFFormatError` naming the tensor and its file.
     """
-    from safetensors import safe_open
-
     path = os.fspath(path)
     cfg_path = os.path.join(path, "config.json")
     if not os.path.exists(cfg_path):
@@ -503,7 +512,7 @@ def from_pretrained(path: str | os.PathLike, *, mesh=None, dtype: str = "float32
         shardings = jax.tree.map(lambda _: one, lm.abstract_params)
     params: dict = {}
     with contextlib.ExitStack() as stack:
-        handles = {f: stack.enter_context(safe_open(os.path.join(path, f), framework="numpy"))
+        handles = {f: stack.enter_context(_open_safetensors(os.path.join(path, f)))
                    for f in sorted(set(wm[n] for n in expected))}
 
         def tensor(name):

@@ -29,11 +29,12 @@ from jaxpost.checkpoint import Checkpointer
 from jaxpost.cli import from_config_dict, to_json_dict, write_config
 from jaxpost.config import EvalConfig, ModelConfig
 from jaxpost.data import build_prompt_batches, task_from_config
+from jaxpost.data.process_state import gather_process_states, state_for_process
 from jaxpost.models import LM
 from jaxpost.rollout import Sampler, SamplingConfig
 from jaxpost.sharding import make_mesh
 from jaxpost.tokenizers import ChatTokenizer, HFTokenizer, decode_completion, load_tokenizer, train_tokenizer
-from jaxpost.train.loop import MetricsLog, train_loop
+from jaxpost.train.loop import MetricsLog, Preempted, train_loop
 from jaxpost.train.plots import plot_metrics
 from jaxpost.train.optim import make_optimizer
 from jaxpost.train.state import (abstract_train_state, new_train_state, state_shardings, trainable_of,
@@ -52,6 +53,19 @@ def setup_logging() -> None:
         logger.propagate = False
 
 
+def is_primary() -> bool:
+    """Process 0 writes the run's files (config, metrics, results, plots, tokenizer, caches); every process writes
+    its own shards of the checkpoints."""
+    return jax.process_index() == 0
+
+
+def barrier(name: str) -> None:
+    """Waits for every process (a no-op in a one-process run)."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+        multihost_utils.sync_global_devices(name)
+
+
 def has_tokenizer(directory: str) -> bool:
     return any(os.path.exists(os.path.join(directory, f)) for f in ("tokenizer.json", "tokenizer.model"))
 
@@ -68,15 +82,17 @@ def save_tokenizer(tokenizer: ChatTokenizer, workdir: str) -> None:
 def load_or_make_tokenizer(workdir: str, task, *, path: str | None, vocab_size: int) -> ChatTokenizer:
     """The workdir's tokenizer if present (a resumed run keeps its tokenizer); else the one at `path` (a
     SentencePiece `.model`, a `tokenizer.json` or a checkpoint directory: `jaxpost.tokenizers.load_tokenizer`); else
-    one trained on the task's corpus. The result is saved into the workdir."""
-    if has_tokenizer(workdir):
+    one trained on the task's corpus. The result is saved into the workdir (by process 0, which the others then
+    load: every process tokenizes alike)."""
+    found = has_tokenizer(workdir)
+    barrier("jaxpost.tokenizer.found")  # every process has looked before process 0 writes
+    if found:
         return load_tokenizer(workdir)
-    if path:
-        tokenizer = load_tokenizer(path)
-    else:
-        tokenizer = train_tokenizer(task.corpus(4000), vocab_size=vocab_size)
-    save_tokenizer(tokenizer, workdir)
-    return tokenizer
+    if is_primary():
+        tokenizer = load_tokenizer(path) if path else train_tokenizer(task.corpus(4000), vocab_size=vocab_size)
+        save_tokenizer(tokenizer, workdir)
+    barrier("jaxpost.tokenizer.saved")
+    return tokenizer if is_primary() else load_tokenizer(workdir)
 
 
 # ---- pretrained starts ----------------------------------------------------------------------------------------
@@ -224,10 +240,11 @@ def cached_records(path: str, make, *, what: str) -> list[dict]:
             return [json.loads(line) for line in f]
     t0 = time.perf_counter()
     records, stats = make()
-    with open(path + ".tmp", "w") as f:
-        for r in records:
-            f.write(json.dumps(r) + "\n")
-    os.replace(path + ".tmp", path)
+    if is_primary():
+        with open(path + ".tmp", "w") as f:
+            for r in records:
+                f.write(json.dumps(r) + "\n")
+        os.replace(path + ".tmp", path)
     log.info("%s: %s (%.0f s)", what, stats, time.perf_counter() - t0)
     return records
 
@@ -280,7 +297,8 @@ class Run:
         self.t_start = time.perf_counter()
         setup_logging()
         os.makedirs(workdir, exist_ok=True)
-        write_config(cfg, workdir)
+        if is_primary():
+            write_config(cfg, workdir)
         self.cfg, self.workdir, self.stop_at = cfg, workdir, stop_at
         self.mesh = make_mesh(cfg.mesh)
         self.ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=cfg.train.keep_checkpoints,
@@ -294,6 +312,12 @@ class Run:
     def path(self, *parts: str) -> str:
         return os.path.join(self.workdir, *parts)
 
+    def process_path(self, stem: str, ext: str) -> str:
+        """A file of this process's own rows (e.g. precomputed reference log-probs): `stem.I.ext`, or
+        `stem.I_of_N.ext` in a run of N > 1 processes, so that a run resumed on another process count recomputes it."""
+        i, n = jax.process_index(), jax.process_count()
+        return self.path(f"{stem}.{i}.{ext}" if n == 1 else f"{stem}.{i}_of_{n}.{ext}")
+
     def restore_or_init(self, abstract_state, shardings, batches, init, *, updates_per_step: int = 1):
         """The latest complete checkpoint, restored onto `shardings` with the data iterator `batches` set to its saved
         position, or `init()` (a fresh sharded state) at step 0. A loop step that makes several optimizer updates
@@ -303,8 +327,8 @@ class Run:
         if latest is None:
             state = init()
         else:
-            state, data_state, self.meta = self.ckpt.restore(latest, with_shardings(abstract_state, shardings))
-            batches.set_state(data_state)
+            state, data_state, self.meta = self.ckpt.restore(None, with_shardings(abstract_state, shardings))
+            batches.set_state(state_for_process(data_state, batches.get_state()))
             self.start_step = int(jax.device_get(state.step)) // updates_per_step
             log.info("resumed from %s at step %d", self.ckpt.directory, self.start_step)
         self.meta["config"] = to_json_dict(self.cfg)  # the config of the run that wrote each checkpoint
@@ -326,32 +350,48 @@ class Run:
         cfg, ckpt = self.cfg, self.ckpt
 
         def checkpoint(step, state):
-            ckpt.save(step, state, data_state=self.batches.get_state(), meta=self.meta)
+            ckpt.save(step, state, data_state=self.data_state(), meta=self.meta)
 
         t0 = time.perf_counter()
-        state = train_loop(
-            step_fn=step_fn, state=state, batches=batches, to_device=to_device, start_step=self.start_step,
-            steps=cfg.steps, metrics_log=self.metrics, checkpoint=checkpoint,
-            checkpoint_every=cfg.train.checkpoint_every or cfg.steps,
-            evaluate=None if evaluate is None else (lambda step, st: evaluate(st)), eval_every=cfg.train.eval_every,
-            log_every=cfg.train.log_every, host_metrics=host_metrics, desc=desc, stop_at=self.stop_at)
+        try:
+            state = train_loop(
+                step_fn=step_fn, state=state, batches=batches, to_device=to_device, start_step=self.start_step,
+                steps=cfg.steps, metrics_log=self.metrics, checkpoint=checkpoint,
+                checkpoint_every=cfg.train.checkpoint_every or cfg.steps,
+                evaluate=None if evaluate is None else (lambda step, st: evaluate(st)),
+                eval_every=cfg.train.eval_every, log_every=cfg.train.log_every, host_metrics=host_metrics,
+                desc=desc, stop_at=self.stop_at, max_bad_steps=cfg.train.max_bad_steps)
+        except BaseException as e:
+            # A preemption (`Preempted`), a failing data file, reward function or tokenizer, or NonFiniteError:
+            # the saves already started (of states before the failure) complete, so the latest checkpoint on disk
+            # is a whole, good one; nothing after the failure is saved.
+            ckpt.close()
+            if isinstance(e, Preempted):
+                log.warning("%s", e)
+            raise
         self.train_time_s = time.perf_counter() - t0
         stopped = self.stop_at is not None and self.stop_at < cfg.steps
         if stopped:
             ckpt.wait()
             if ckpt.latest_step() != self.stop_at:
-                ckpt.save(self.stop_at, state, data_state=self.batches.get_state(), meta=self.meta, force=True)
+                ckpt.save(self.stop_at, state, data_state=self.data_state(), meta=self.meta, force=True)
         ckpt.close()
         return None if stopped else state
+
+    def data_state(self) -> dict:
+        """The data item of a checkpoint: the iterator state of every process (`jaxpost.data.process_state`). A
+        collective: every process calls it at the same step."""
+        return gather_process_states(self.batches.get_state())
 
     def finish(self, results: dict, *, plots: tuple[str, ...] = (), filename: str = "metrics.png",
                title: str = "", xlabel: str = "step") -> dict:
         """Adds the step counts and wall times to `results`, writes results.json and the plot, logs them."""
         results = {**results, "steps": self.cfg.steps, "resumed_from_step": self.start_step,
                    "train_time_s": self.train_time_s, "wall_time_s": time.perf_counter() - self.t_start}
-        with open(self.path("results.json"), "w") as f:
-            json.dump(results, f, indent=2)
-        if plots:
+        if is_primary():
+            with open(self.path("results.json"), "w") as f:
+                json.dump(results, f, indent=2)
+        if plots and is_primary():
             plot_metrics(self.workdir, plots, filename=filename, title=title, xlabel=xlabel)
         log.info("results: %s", json.dumps({k: v for k, v in results.items() if k not in ("samples", "data")}))
         return results
@@ -445,7 +485,8 @@ def open_sft_start(workdir: str, init_from: str, sft_cfg, train_sft):
     sft_cfg, sft_dir = sft_start(workdir, init_from, sft_cfg, train_sft)
     task = task_from_config(sft_cfg.task)
     tokenizer = load_tokenizer(sft_dir)
-    save_tokenizer(tokenizer, workdir)
+    if is_primary():
+        save_tokenizer(tokenizer, workdir)
     return sft_cfg, sft_dir, task, tokenizer
 
 
@@ -457,7 +498,7 @@ def load_params(model, mesh, workdir: str):
         step = ckpt.latest_step()
         if step is None:
             raise FileNotFoundError(f"{workdir}/checkpoints holds no complete checkpoint")
-        return ckpt.restore_params(step, with_shardings(model.abstract_params, model.param_shardings(mesh)))
+        return ckpt.restore_params(None, with_shardings(model.abstract_params, model.param_shardings(mesh)))
     finally:
         ckpt.close()
 

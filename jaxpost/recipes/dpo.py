@@ -165,7 +165,7 @@ def run(cfg: DPOConfig, workdir: str, *, stop_at: int | None = None) -> dict | N
     ref_logps = None
     if cfg.reference == "precomputed":
         ref_logps = precompute_reference(cfg, base_lm, start_params, records, tokenizer, mesh,
-                                         run.path(f"ref_logps.{jax.process_index()}.npy"))
+                                         run.process_path("ref_logps", "npy"))
 
     lm = LM(sft_cfg.model, cfg.lora)
     tx, schedule, abstract, shardings = policy_optimizer(lm, cfg.optim, cfg.steps, mesh)

@@ -81,6 +81,9 @@ class PRMConfig:
     sample_batch: int = 128  # prompts (step prefixes) per sampler call
     n_eval_problems: int = 48  # test problems sampled and labelled like the train ones: held-out step accuracy
     n_auc_problems: int = 200  # test problems whose gold traces, and one injected error each, give the step AUC
+    # train problems whose gold trace and a copy with one injected error (labelled by construction) join the training
+    # solutions: negatives one digit away from a right step, which the policy's own samples rarely give
+    train_injected: int = 0
     max_prompt_len: int = 16
     max_new_tokens: int = 72
     data: DataConfig = dataclasses.field(default_factory=lambda: DataConfig(seq_len=128, batch_size=16))
@@ -97,8 +100,8 @@ class PRMConfig:
                      "max_new_tokens"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"PRMConfig.{name} must be > 0, got {getattr(self, name)}")
-        if self.n_eval_problems < 0 or self.n_auc_problems < 0:
-            raise ValueError("PRMConfig.n_eval_problems and n_auc_problems must be >= 0")
+        if self.n_eval_problems < 0 or self.n_auc_problems < 0 or self.train_injected < 0:
+            raise ValueError("PRMConfig.n_eval_problems, n_auc_problems and train_injected must be >= 0")
         if self.sample_temperature <= 0 or self.mc_temperature <= 0:
             raise ValueError(f"PRMConfig.sample_temperature and mc_temperature must be > 0 (Monte-Carlo labels need "
                              f"sampling), got {self.sample_temperature}, {self.mc_temperature}")
@@ -301,8 +304,9 @@ def training_items(records: list[dict], label: str) -> list[dict]:
     return out
 
 
-def injected_error_items(task, tokenizer: ChatTokenizer, n: int, *, seed: int, max_len: int) -> list[dict]:
-    """For the first `n` test problems: the gold worked trace (every step labelled 1) and the same trace with one
+def injected_error_items(task, tokenizer: ChatTokenizer, n: int, *, seed: int, max_len: int,
+                         split: str = "test") -> list[dict]:
+    """For the first `n` problems of `split`: the gold worked trace (every step labelled 1) and the same trace with one
     injected error (`inject_error`: a uniformly drawn column line and wrong digit), as scoring items with the step
     labels and the index of the first wrong step (None for gold). A trace longer than `max_len` tokens (prompt
     included), or whose steps do not tokenise one per line, is skipped."""
@@ -311,7 +315,7 @@ def injected_error_items(task, tokenizer: ChatTokenizer, n: int, *, seed: int, m
     delimiters = delimiter_ids(tokenizer)
     items = []
     for i in range(n):
-        problem = task.problem("test", i)
+        problem = task.problem(split, i)
         gold = task.trace_completion(problem)
         lines = gold.split("\n")
         rng = random.Random(f"prm/{seed}/{i}")
@@ -392,6 +396,9 @@ def run(cfg: PRMConfig, workdir: str, *, stop_at: int | None = None) -> dict | N
     train_records = [r for r in records if r["split"] == "train"]
     eval_records = [r for r in records if r["split"] == "test"]
     items = training_items(train_records, cfg.label)
+    if cfg.train_injected:  # contrastive negatives: a right trace and a copy one digit wrong, labelled by construction
+        items += [{k: it[k] for k in ("tokens", "ends", "labels")} for it in injected_error_items(
+            task, tokenizer, cfg.train_injected, seed=cfg.seed + 1, max_len=cfg.data.seq_len, split="train")]
     random.Random(cfg.seed).shuffle(items)
     rows, _ = pack_step_rows(items, cfg.data.seq_len)
     batches = StepRowIterator(rows, batch_size=cfg.data.batch_size, shuffle=cfg.data.shuffle, seed=cfg.seed,

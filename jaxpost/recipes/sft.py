@@ -77,12 +77,15 @@ def run(cfg: SFTConfig, workdir: str, *, stop_at: int | None = None) -> dict | N
     tokenizer = load_or_make_tokenizer(workdir, task, path=cfg.tokenizer_path or cfg.init_from or None,
                                        vocab_size=cfg.tokenizer_vocab)
     if tokenizer.vocab_size > cfg.model.vocab_size:
-        raise ValueError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's "
-                         f"{tokenizer.vocab_size} pieces: raise --config.model.vocab_size")
+        source = cfg.tokenizer_path or cfg.init_from or workdir
+        model = f"{cfg.init_from}/config.json" if cfg.init_from else "--config.model.vocab_size"
+        raise ValueError(f"{source}: the tokenizer has {tokenizer.vocab_size} pieces but the model's vocabulary "
+                         f"(vocab_size={cfg.model.vocab_size}, {model}) is smaller: the tokenizer does not match the "
+                         f"model (raise vocab_size or use the model's own tokenizer)")
 
     lm = LM(cfg.model, cfg.lora)
     tx, schedule = make_optimizer(cfg.optim, cfg.steps, logical_axes=trainable_of(lm, lm.logical_axes))
-    source = read_jsonl(cfg.train_jsonl) if cfg.train_jsonl else task.source("train")
+    source = read_jsonl(cfg.train_jsonl, on_bad=cfg.data.on_bad_record) if cfg.train_jsonl else task.source("train")
     batches = build_sft_iterator(
         source, tokenizer, seq_len=cfg.data.seq_len, batch_size=cfg.data.batch_size, packing=cfg.data.packing,
         overlong=cfg.data.overlong, on_empty=cfg.data.on_empty, shuffle=cfg.data.shuffle, seed=cfg.seed)

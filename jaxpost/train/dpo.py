@@ -24,9 +24,8 @@ from collections.abc import Callable, Sequence
 import jax
 import jax.numpy as jnp
 
-from jaxpost.batch import ROW_KEYS, rows_sharding
+from jaxpost.batch import ROW_KEYS, device_put_batch, process_rows, rows_sharding
 from jaxpost.losses import DPO_LOSSES, REFERENCE_FREE_LOSSES, ld_sequence_logps, wpo_weights
-from jaxpost.sharding import replicated
 from jaxpost.train.step import Context, Objective, row_layout
 
 REFERENCES = ("model", "precomputed", "none")
@@ -269,17 +268,19 @@ def make_reference_logps(lm, mesh, param_shardings, *, rows: int, logprobs_impl:
                          ld_alpha: float | None = None):
     """A jitted `f(params, batch) -> logps [rows]` over one host batch of ROW_KEYS [rows, T]: the pass that
     precomputes the reference log-probs (reference="precomputed"; with `ld_alpha`, of interleaved pairs,
-    length-desensitised like the policy's)."""
-    in_sh = {k: rows_sharding(mesh, rows, 2, rows_axis=0) for k in ROW_KEYS}
+    length-desensitised like the policy's). `rows` are this process's: in a multi-process run each process passes
+    its own rows of the global batch and gets their log-probs back."""
+    out_sh = rows_sharding(mesh, rows * jax.process_count(), 1, rows_axis=0)
+    in_sh = {k: rows_sharding(mesh, rows * jax.process_count(), 2, rows_axis=0) for k in ROW_KEYS}
 
     def f(params, batch):
         return sequence_logps(lm, params, {k: batch[k] for k in ROW_KEYS}, logprobs_impl=logprobs_impl,
                               ld_alpha=ld_alpha)[0]
 
-    jitted = jax.jit(f, in_shardings=(param_shardings, in_sh), out_shardings=replicated(mesh))
+    jitted = jax.jit(f, in_shardings=(param_shardings, in_sh), out_shardings=out_sh)
 
     def run(params, batch):
         with jax.set_mesh(mesh):
-            return jitted(params, {k: batch[k] for k in ROW_KEYS})
+            return process_rows(jitted(params, device_put_batch(batch, in_sh, rows_axis=0)))
 
     return run

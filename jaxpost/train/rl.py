@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxpost.batch import ROW_KEYS, rows_sharding
 from jaxpost.config import AdvantageConfig, RLLossConfig, check_value_mode
@@ -37,6 +38,7 @@ from jaxpost.losses import (ADVANTAGE_ESTIMATORS, aggregate_loss, broadcast_to_t
                             sequence_to_token_rewards, value_loss)
 from jaxpost.models.heads import ScalarHeadLM
 from jaxpost.models.lora import base_params
+from jaxpost.sharding import replicated
 from jaxpost.train.step import Context, Objective, row_layout
 
 
@@ -185,7 +187,7 @@ def make_rl_scorer(model: PolicyModel, mesh, param_shardings, *, rows: int, temp
     when the reference is its base model: the adapters disabled on the same arrays)."""
     lm = model.lm
     in_sh = {k: rows_sharding(mesh, rows, 2, rows_axis=0) for k in ROW_KEYS}
-    out_sh = rows_sharding(mesh, rows, 2, rows_axis=0)
+    out_sh = replicated(mesh)  # read on the host by every process (the RL loop holds the whole batch on each)
 
     if not (policy or with_ref or model.value != "none"):
         raise ValueError("make_rl_scorer: nothing to score (policy=False, no reference, no value model)")
@@ -217,7 +219,7 @@ def make_rl_scorer(model: PolicyModel, mesh, param_shardings, *, rows: int, temp
     def run(params, ref_params, batch):
         with jax.set_mesh(mesh):
             return jitted(params, ref_params if with_ref and not base_ref else None,
-                          {k: batch[k] for k in ROW_KEYS})
+                          {k: jax.device_put(np.asarray(batch[k]), in_sh[k]) for k in ROW_KEYS})
 
     run.jitted = jitted
     return run
@@ -236,12 +238,11 @@ def make_teacher_scorer(teacher_lm, mesh, teacher_shardings, *, rows: int, tempe
         return teacher_lm.token_logprobs(tparams, h_BTD, b["targets"], temperature=temperature,
                                          impl=logprobs_impl).logp.astype(jnp.float32)
 
-    jitted = jax.jit(f, in_shardings=(teacher_shardings, in_sh), out_shardings=rows_sharding(mesh, rows, 2,
-                                                                                                rows_axis=0))
+    jitted = jax.jit(f, in_shardings=(teacher_shardings, in_sh), out_shardings=replicated(mesh))
 
-    def run(teacher_params, batch):
+    def run(teacher_params, batch):  # every process reads the whole result (as make_rl_scorer's)
         with jax.set_mesh(mesh):
-            return jitted(teacher_params, {k: batch[k] for k in ROW_KEYS})
+            return jitted(teacher_params, {k: jax.device_put(np.asarray(batch[k]), in_sh[k]) for k in ROW_KEYS})
 
     return run
 

@@ -109,7 +109,13 @@ def step_fn(model, tx: optax.GradientTransformation, schedule: optax.Schedule, o
     """The pure step `step(state, batch)` (or `step(state, ref_params, batch)` for objectives `with_reference`) on
     [A, n, ...] micro-batches: gradients of the trainable params (`trainable_of(model, params)`), one optimizer
     update, the step counter + 1. Metrics: the objective's, `grad_norm` (of the applied gradient, before clipping)
-    and `lr` (the schedule at this step)."""
+    and `lr` (the schedule at this step).
+
+    A non-finite loss or gradient norm skips the update: params and optimizer state come out bit-identical to the
+    input's (`skip_unless`), the metric `skipped` is 1 (else 0). The step counter still advances: it counts batches
+    consumed, so a checkpoint's step and its data-iterator position stay in step (the learning-rate schedule moves
+    on too). The host loop (`jaxpost.train.loop.train_loop`) logs skipped steps and stops after
+    `TrainConfig.max_bad_steps` in a row."""
 
     def step(state: TrainState, *args):
         ref_params, batch = args if objective.with_reference else (None, args[0])
@@ -125,12 +131,24 @@ def step_fn(model, tx: optax.GradientTransformation, schedule: optax.Schedule, o
             return objective.loss(with_trainable(model, full, trainable), mb, Context(denom, ref_params, stats, key))
 
         grads, loss, sums = accumulate(loss_fn, trainable_of(model, full), batch, keys)
-        params, opt_state = apply_gradients(model, tx, state, grads)
+        grad_norm = optax.global_norm(grads)
+        ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        params, opt_state = skip_unless(ok, apply_gradients(model, tx, state, grads), state, model)
         metrics = {**objective.metrics(loss, sums, Context(denom, ref_params, stats, None)),
-                   "grad_norm": optax.global_norm(grads), "lr": schedule(state.step)}
+                   "grad_norm": grad_norm, "lr": schedule(state.step), "skipped": 1.0 - ok.astype(jnp.float32)}
         return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
     return step
+
+
+def skip_unless(ok, updated: tuple, state: TrainState, model) -> tuple:
+    """(params, opt_state): `updated` where `ok`, else the state's own, bit for bit. Only the trainable part and the
+    optimizer state are selected (a LoRA model's frozen base is passed through untouched). One select inside the
+    jitted step: no host sync, no recompilation."""
+    params, opt_state = updated
+    keep = lambda new, old: jnp.where(ok, new, old)  # noqa: E731
+    trainable = jax.tree.map(keep, trainable_of(model, params), trainable_of(model, state.params))
+    return with_trainable(model, state.params, trainable), jax.tree.map(keep, opt_state, state.opt_state)
 
 
 def jit_step(fn, mesh, state_shardings, batch_shardings: Mapping, *, ref_shardings=None, with_ref: bool = False):
