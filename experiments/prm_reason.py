@@ -6,14 +6,22 @@ line of a worked trace; measured by the per-step ROC AUC on held-out gold traces
     python -m experiments.grpo_reason --workdir runs/grpo_reason --config.init_from=runs/sft_reason
     python -m experiments.prm_reason --workdir runs/prm_reason                          # hard labels
     python -m experiments.prm_reason --workdir runs/prm_soft --config.label=soft        # soft labels
-    python -m experiments.prm_reason --workdir runs/orm --config.label=outcome          # the ORM baseline
-    python -m experiments.prm_reason --config.policy_from=runs/sft_reason               # the SFT model labels
+    python -m experiments.prm_reason --workdir runs/orm_reason --config.label=outcome \
+        --config.train_injected=0 --config.steps=200                                    # the ORM baseline
+    python -m experiments.prm_reason --workdir runs/prm_mc --config.train_injected=0 \
+        --config.steps=200                                                              # Monte-Carlo labels only
+    python -m experiments.prm_reason --workdir runs/prm_gold --config.label=gold \
+        --config.train_injected=0 --config.steps=200                                    # true step labels
 
 `policy_from` (the GRPO model: it writes worked traces) samples the solutions, at temperature 1.5, and their
 Monte-Carlo completions, at 1.0; `init_from` is the PRM's decoder. At temperature 1.0 the GRPO model's errors are few
 and systematic (the same wrong line for a problem in most samples) and the PRM learns mostly which problems the
 policy fails (injected-error step AUC 0.58); at 1.5 its samples hold more, and more varied, wrong steps. Load a
 trained PRM with `jaxpost.recipes.prm.load_prm(workdir)` and score steps with `jaxpost.recipes.prm.StepScorer`.
+
+Beside the policy's labelled samples, the PRM trains on 1000 train problems' gold traces and a copy of each with one
+wrong digit (`train_injected`, labelled by construction): from Monte-Carlo labels alone it learns which problems the
+policy fails rather than which line is wrong (figures: docs/benchmarks.md, "Process reward models").
 """
 
 from experiments import sft_reason
@@ -22,7 +30,7 @@ from jaxpost.config import DataConfig, OptimConfig, TrainConfig
 from jaxpost.recipes import prm
 
 CONFIG = prm.PRMConfig(
-    steps=200,
+    steps=300,
     init_from="runs/sft_reason",
     policy_from="runs/grpo_reason",
     sft=sft_reason.CONFIG,
@@ -35,6 +43,7 @@ CONFIG = prm.PRMConfig(
     sample_batch=128,
     n_eval_problems=48,
     n_auc_problems=200,
+    train_injected=1000,
     max_prompt_len=sft_reason.CONFIG.eval.max_prompt_len,  # prompts take <= 16 tokens
     max_new_tokens=sft_reason.CONFIG.eval.max_new_tokens,  # the longest 3-digit trace and its stop token
     data=DataConfig(seq_len=128, batch_size=16),

@@ -397,8 +397,10 @@ def run(cfg: PRMConfig, workdir: str, *, stop_at: int | None = None) -> dict | N
     eval_records = [r for r in records if r["split"] == "test"]
     items = training_items(train_records, cfg.label)
     if cfg.train_injected:  # contrastive negatives: a right trace and a copy one digit wrong, labelled by construction
-        items += [{k: it[k] for k in ("tokens", "ends", "labels")} for it in injected_error_items(
-            task, tokenizer, cfg.train_injected, seed=cfg.seed + 1, max_len=cfg.data.seq_len, split="train")]
+        last = slice(-1, None) if cfg.label == "outcome" else slice(None)  # an ORM reads only the final label
+        items += [{"tokens": it["tokens"], "ends": it["ends"][last], "labels": it["labels"][last]}
+                  for it in injected_error_items(task, tokenizer, cfg.train_injected, seed=cfg.seed + 1,
+                                                 max_len=cfg.data.seq_len, split="train")]
     random.Random(cfg.seed).shuffle(items)
     rows, _ = pack_step_rows(items, cfg.data.seq_len)
     batches = StepRowIterator(rows, batch_size=cfg.data.batch_size, shuffle=cfg.data.shuffle, seed=cfg.seed,
