@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from jaxpost.inference import (Decoder, aggregate_steps, beam_search, best_of_n, budget_forcing, decode_flops,
-                               forward_flops, majority_vote, non_embedding_params, prm_step_scorer, sample_and_select,
+                               forward_flops, likelihood_step_scorer, majority_vote, non_embedding_params,
+                               prm_step_scorer, sample_and_select,
                                split_steps, step_search, verifier_scorer, weighted_best_of_n, weighted_majority)
 from jaxpost.rollout import Sampler, SamplingConfig
 from tests.helpers import cached_lm, mesh_of, tiny_config
@@ -238,6 +239,19 @@ def test_sample_and_select_and_prm_scorer(model):
         v = np.asarray(values(prm_params, jnp.asarray(np.pad(row, (0, 16 - len(row))))[None]))[0]
         ends = np.cumsum([len(s) for s in st]) + len(p) - 1
         np.testing.assert_allclose(g, 1 / (1 + np.exp(-v[ends])), atol=1e-5)
+    # The likelihood scorer: each step's least likely token (or geometric mean), from the full-sequence logits.
+    jitted_logits = jax.jit(lm.logits)
+    for how in ("min", "mean"):
+        got = likelihood_step_scorer(lm, params, how=how, pad_id=PAD)(prompts, steps)
+        for p, st, g in zip(prompts, steps, got):
+            row = np.concatenate([p] + st)
+            z = np.asarray(jitted_logits(params, jnp.asarray(np.pad(row, (0, 16 - len(row))))[None]))[0]
+            logp = z - np.log(np.exp(z).sum(-1, keepdims=True))  # logp[t - 1, row[t]]: token t given the ones before
+            bounds = len(p) + np.concatenate([[0], np.cumsum([len(s) for s in st])])
+            tok = [logp[t - 1, row[t]] for t in range(len(row))[1:]]
+            want = [np.exp(min(tok[a - 1:b - 1]) if how == "min" else np.mean(tok[a - 1:b - 1]))
+                    for a, b in zip(bounds[:-1], bounds[1:])]
+            np.testing.assert_allclose(g, want, rtol=1e-4)
 
 
 # ------------------------------------------------------------------------------------------------ sharding

@@ -2,16 +2,17 @@
 missing answers), and a tiny end-to-end run (an SFT policy and a reward model of a few steps) that writes every curve
 the lab's figures read and, rerun, measures nothing twice."""
 
+import dataclasses
 import json
 import os
 
 import numpy as np
 import pytest
 
-from jaxpost.config import DataConfig, EvalConfig, MeshConfig, OptimConfig, TaskConfig, TrainConfig
+from jaxpost.config import DataConfig, MeshConfig, OptimConfig, TrainConfig
 from jaxpost.recipes import prm, sft, tts
 from jaxpost.train.loop import read_metrics
-from tests.helpers import tiny_config
+from tests.test_prm import SFT  # a tiny reasoning-lab SFT run
 
 
 def test_sampling_curves_by_hand():
@@ -37,17 +38,12 @@ def test_sampling_curves_by_hand():
     assert tts.parse_answer("12+5\nAnswer: -17") == -17 and tts.parse_answer("Answer: x") is None
 
 
-TASK = TaskConfig(name="reasoning_arith", min_digits=1, max_digits=2, n_operands=2, trace_fraction=0.5)
 MESH = MeshConfig(data=8, fsdp=1, tensor=1)
-SFT = sft.SFTConfig(steps=2, model=tiny_config(), task=TASK, tokenizer_vocab=64,
-                    data=DataConfig(seq_len=64, batch_size=8), optim=OptimConfig(lr=3e-3, warmup_steps=0), mesh=MESH,
-                    train=TrainConfig(checkpoint_every=0, log_every=1),
-                    eval=EvalConfig(n_examples=0, batch_size=8, max_prompt_len=16, max_new_tokens=16))
 
 
 def test_recipe_end_to_end_writes_every_curve_and_reruns_nothing(tmp_path):
     sft_dir = str(tmp_path / "sft")
-    sft.run(SFT, sft_dir)
+    sft.run(dataclasses.replace(SFT, steps=2), sft_dir)
     rm_cfg = prm.PRMConfig(steps=1, init_from=sft_dir, n_problems=2, samples_per_problem=1, mc_rollouts=1,
                            sample_batch=8, n_eval_problems=0, n_auc_problems=2, max_prompt_len=16, max_new_tokens=16,
                            data=DataConfig(seq_len=48, batch_size=8), optim=OptimConfig(lr=1e-3, warmup_steps=0),

@@ -8,9 +8,10 @@ method of `jaxpost.inference`, on a built-in task with worked answers (the reaso
 2. Sampling methods, on the first `n_problems` test problems: `max_n` completions of every prompt are sampled once
    (temperature `temperature`, one batched sampler call per `sample_batch` prompts) and scored once by the verifier
    (the task's checker: an oracle, it knows the answer), the ORM and the PRM (each step's score, aggregated with
-   `prm_agg`). The curve at N uses each prompt's first N samples (nested subsets, as search-and-learn evaluates):
-   `majority` (self-consistency), `bon_verifier` (pass@N), `bon_orm`, `bon_prm`, `weighted_bon_prm` (answers'
-   summed PRM scores). Tokens: the generated tokens of those N samples.
+   `prm_agg`; with `prm_kind="likelihood"` the "PRM" is a language model's probability of each step's least likely
+   token, `jaxpost.inference.likelihood_step_scorer`). The curve at N uses each prompt's first N samples (nested
+   subsets, as search-and-learn evaluates): `majority` (self-consistency), `bon_verifier` (pass@N), `bon_orm`,
+   `bon_prm`, `weighted_bon_prm` (answers' summed PRM scores). Tokens: the generated tokens of those N samples.
 3. Search methods, on the first `n_search_problems` test problems: token-level `beam` search (widths `beam_widths`),
    PRM-guided step search `prm_beam` and `dvts` (N in `search_ns`, `search_m` expansions per kept candidate; steps
    end at the tokenizer's newline pieces), and `budget_forcing` (greedy thinking capped at each of `budgets` tokens,
@@ -37,8 +38,8 @@ import numpy as np
 from jaxpost.cli import write_config
 from jaxpost.config import MeshConfig
 from jaxpost.data import task_from_config
-from jaxpost.inference import (Decoder, beam_search, budget_forcing, decode_flops, prm_step_scorer, orm_scorer,
-                               select, step_search)
+from jaxpost.inference import (Decoder, beam_search, budget_forcing, decode_flops, likelihood_step_scorer, orm_scorer,
+                               prm_step_scorer, select, step_search)
 from jaxpost.recipes.common import setup_logging
 from jaxpost.recipes.distill import check_same_tokenizer, load_workdir_params
 from jaxpost.recipes.prm import delimiter_ids, load_prm
@@ -68,6 +69,9 @@ class TTSConfig:
     sample_batch: int = 32  # prompts per sampler call (x max_n rows)
     temperature: float = 1.0
     prm_agg: str = "last"  # how a PRM's step scores make one score: last | min | prod | mean
+    # "head": prm_from is a PRM workdir (a scalar head at each step's end); "likelihood": prm_from is any workdir whose
+    # language model scores each step by its least likely token (a training-free verifier, e.g. the larger policy)
+    prm_kind: str = "head"
     n_search_problems: int = 100
     beam_widths: tuple[int, ...] = (1, 4, 16)
     search_ns: tuple[int, ...] = (4, 16)
@@ -82,6 +86,8 @@ class TTSConfig:
     def __post_init__(self):
         if not self.policy_from:
             raise ValueError("TTSConfig.policy_from: the policy's workdir is required")
+        if self.prm_kind not in ("head", "likelihood"):
+            raise ValueError(f"TTSConfig.prm_kind must be 'head' or 'likelihood', got {self.prm_kind!r}")
         if self.prm_agg not in select.AGGREGATIONS:
             raise ValueError(f"TTSConfig.prm_agg must be one of {select.AGGREGATIONS}, got {self.prm_agg!r}")
         for name in ("n_problems", "max_n", "sample_batch", "search_m", "max_steps", "max_step_tokens",
@@ -210,7 +216,10 @@ def run(cfg: TTSConfig, workdir: str) -> dict:
                  results["large_greedy_accuracy"])
         del large_params
     prm = orm = None
-    if cfg.prm_from:
+    if cfg.prm_from and cfg.prm_kind == "likelihood":
+        verifier_lm, verifier_params = load_workdir_params(cfg.prm_from, mesh)
+        prm = likelihood_step_scorer(verifier_lm, verifier_params, pad_id=tokenizer.pad_id)
+    elif cfg.prm_from:
         prm_model, prm_params, _ = load_prm(cfg.prm_from, mesh)
         prm = prm_step_scorer(prm_model, prm_params, delims, pad_id=tokenizer.pad_id)
         with open(os.path.join(cfg.prm_from, "results.json")) as f:
