@@ -8,8 +8,13 @@ accuracy of the 4x larger lab model it was distilled from (search-and-learn's sm
     python -m experiments.prm_reason --workdir runs/prm_reason
     python -m experiments.prm_reason --workdir runs/orm_reason --config.label=outcome
     python -m experiments.tts_reason --workdir runs/tts_reason
+    # the larger model's token probabilities as the step verifier (training-free) instead of the trained PRM
+    python -m experiments.tts_reason --workdir runs/tts_likelihood --config.prm_kind=likelihood \
+        --config.prm_from=runs/grpo_reason --config.prm_agg=min
 
-Figures (accuracy against samples and generated tokens, per method): docs/benchmarks.md, "Test-time scaling".
+Figures (accuracy against samples and generated tokens, per method): docs/benchmarks.md, "Test-time scaling". With
+the likelihood verifier, weighted best-of-8 of the student reaches 76.0 % against the larger model's 73.0 % greedy; the
+trained PRM (step AUC 0.76 on injected errors, but at chance within a problem) makes best-of-N worse as N grows.
 """
 
 from jaxpost import cli
