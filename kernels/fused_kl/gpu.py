@@ -78,11 +78,7 @@ def partial_stats(hs_ND, ws, ht_ND, wt, *, kind: str, inv_temp: float = 1.0, stu
     """Online stats (ms, ls, mt, lt, acc), each float32 [N], over all columns of ws / wt (see `common`)."""
     student_weights = common.weights_student(kind)
     N, Ds, Dt, V, bn, bv, bd = _dims(hs_ND, ws, ht_ND, student_vocab_major, block_n, block_v, block_d)
-    n_nb, n_vb = pl.cdiv(N, bn), pl.cdiv(V, bv)
-    if num_splits is None:
-        num_splits = max(1, min(n_vb, -(-_TARGET_PROGRAMS // n_nb)))
-    per_split = -(-n_vb // num_splits)
-    num_splits = -(-n_vb // per_split)  # no empty split
+    n_nb, num_splits, per_split = _vocab_splits(N, V, bn, bv, num_splits)
     kernel = functools.partial(_fwd_kernel, N=N, Ds=Ds, Dt=Dt, V=V, bn=bn, bv=bv, bd=bd, inv_temp=inv_temp,
                                svm=student_vocab_major, tvm=teacher_vocab_major, student_weights=student_weights,
                                blocks_per_split=per_split)
@@ -97,6 +93,16 @@ def partial_stats(hs_ND, ws, ht_ND, wt, *, kind: str, inv_temp: float = 1.0, stu
     if num_splits == 1:
         return tuple(x[0] for x in stats)
     return common.combine(*stats, student_weights=student_weights)
+
+
+def _vocab_splits(N: int, V: int, bn: int, bv: int, num_splits: int | None) -> tuple[int, int, int]:
+    """(token blocks, vocabulary splits, vocabulary blocks per split): by default enough splits that the grid has
+    about _TARGET_PROGRAMS programs; never an empty split."""
+    n_nb, n_vb = pl.cdiv(N, bn), pl.cdiv(V, bv)
+    if num_splits is None:
+        num_splits = max(1, min(n_vb, -(-_TARGET_PROGRAMS // n_nb)))
+    per_split = -(-n_vb // num_splits)
+    return n_nb, -(-n_vb // per_split), per_split
 
 
 def _jsd_kernel(lse_s_ref, lse_t_ref, hs_ref, ws_ref, ht_ref, wt_ref, pm_ref, qm_ref, *, beta, blocks_per_split,
@@ -130,11 +136,7 @@ def jsd_sums(hs_ND, ws, ht_ND, wt, lse_s_N, lse_t_N, *, beta: float, inv_temp: f
     """The JSD's second pass: (sum_v p (lp - lm), sum_v q (lq - lm)), each float32 [N], over all columns of ws / wt,
     given both models' log-sum-exps over the whole vocabulary (see `common`)."""
     N, Ds, Dt, V, bn, bv, bd = _dims(hs_ND, ws, ht_ND, student_vocab_major, block_n, block_v, block_d)
-    n_nb, n_vb = pl.cdiv(N, bn), pl.cdiv(V, bv)
-    if num_splits is None:
-        num_splits = max(1, min(n_vb, -(-_TARGET_PROGRAMS // n_nb)))
-    per_split = -(-n_vb // num_splits)
-    num_splits = -(-n_vb // per_split)
+    n_nb, num_splits, per_split = _vocab_splits(N, V, bn, bv, num_splits)
     kernel = functools.partial(_jsd_kernel, N=N, Ds=Ds, Dt=Dt, V=V, bn=bn, bv=bv, bd=bd, inv_temp=inv_temp,
                                svm=student_vocab_major, tvm=teacher_vocab_major, beta=beta,
                                blocks_per_split=per_split)
