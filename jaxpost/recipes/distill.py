@@ -164,21 +164,26 @@ def _read_config(workdir: str) -> dict:
         return json.load(f)
 
 
-def workdir_model(workdir: str) -> ModelConfig:
-    """The decoder config a workdir trained: an SFT run's `model`; for a run that starts from an SFT workdir (RL,
-    DPO, KTO, distillation: `init_from`), that workdir's, or, without one, the SFT run it trained first
-    (`workdir/sft`, else its `sft` config)."""
+def workdir_sft_config(workdir: str) -> sft_recipe.SFTConfig:
+    """The SFT config a workdir's model started from (its model, task and tokenizer settings): an SFT run's own; for a
+    run that starts from an SFT workdir (RL, DPO, KTO, distillation, PRM: `init_from`), that workdir's, or, without
+    one, the SFT run it trained first (`workdir/sft`, else its `sft` config)."""
     saved = _read_config(workdir)
     cls = saved.pop("class", None)
     if cls == "SFTConfig":
-        return from_config_dict(sft_recipe.SFTConfig, saved).model
+        return from_config_dict(sft_recipe.SFTConfig, saved)
     if saved.get("init_from"):
-        return workdir_model(saved["init_from"])
+        return workdir_sft_config(saved["init_from"])
     if os.path.exists(os.path.join(workdir, "sft", "config.json")):
-        return workdir_model(os.path.join(workdir, "sft"))
+        return workdir_sft_config(os.path.join(workdir, "sft"))
     if "sft" in saved:
-        return from_config_dict(sft_recipe.SFTConfig, saved["sft"]).model
+        return from_config_dict(sft_recipe.SFTConfig, saved["sft"])
     raise ValueError(f"{workdir}/config.json ({cls}): cannot tell which model it trained")
+
+
+def workdir_model(workdir: str) -> ModelConfig:
+    """The decoder config a workdir trained (`workdir_sft_config`'s model)."""
+    return workdir_sft_config(workdir).model
 
 
 def load_workdir_params(workdir: str, mesh) -> tuple[LM, dict]:

@@ -41,9 +41,8 @@ from jaxpost.data import task_from_config
 from jaxpost.inference import (Decoder, beam_search, budget_forcing, decode_flops, likelihood_step_scorer, orm_scorer,
                                prm_step_scorer, select, step_search)
 from jaxpost.recipes.common import setup_logging
-from jaxpost.recipes.distill import check_same_tokenizer, load_workdir_params
+from jaxpost.recipes.distill import check_same_tokenizer, load_workdir_params, workdir_sft_config
 from jaxpost.recipes.prm import delimiter_ids, load_prm
-from jaxpost.recipes.sft import SFTConfig
 from jaxpost.rollout import Sampler, SamplingConfig
 from jaxpost.rollout.verifiers import extract_answer_line
 from jaxpost.sharding import make_mesh
@@ -174,7 +173,7 @@ def run(cfg: TTSConfig, workdir: str) -> dict:
     write_config(cfg, workdir)
     mesh = make_mesh(MeshConfig(data=1, fsdp=1, tensor=1), jax.devices()[:1])
     tokenizer = load_tokenizer(cfg.policy_from)
-    task = task_from_config(_sft_config(cfg.policy_from).task)
+    task = task_from_config(workdir_sft_config(cfg.policy_from).task)
     lm, params = load_workdir_params(cfg.policy_from, mesh)
     for other in (cfg.large_from, cfg.prm_from, cfg.orm_from):
         if other:
@@ -317,23 +316,6 @@ def run(cfg: TTSConfig, workdir: str) -> dict:
     with open(os.path.join(workdir, "results.json"), "w") as f:
         json.dump(results, f, indent=2)
     return results
-
-
-def _sft_config(workdir: str) -> SFTConfig:
-    """The SFT config a workdir's model started from (its task and tokenizer)."""
-    from jaxpost.cli import from_config_dict
-
-    path = os.path.join(workdir, "config.json")
-    with open(path) as f:
-        saved = json.load(f)
-    if saved.get("class") == "SFTConfig":
-        saved.pop("class")
-        return from_config_dict(SFTConfig, saved)
-    if saved.get("init_from"):
-        return _sft_config(saved["init_from"])
-    if os.path.exists(os.path.join(workdir, "sft", "config.json")):
-        return _sft_config(os.path.join(workdir, "sft"))
-    raise ValueError(f"{path}: cannot tell which SFT run (task) this workdir started from")
 
 
 def plot_curves(results: dict, path: str) -> None:
